@@ -1,0 +1,69 @@
+"""analysis on what the real sweep writes: a tiny CPU grid run through `sweep.runner`, then read back."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+MAX_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def sweep_experiment(ray_local, sample_dataset, tmp_path_factory) -> str:
+    from sweep.runner import SweepConfig, run_sweep
+
+    cfg = SweepConfig(
+        preset="cpu", techniques=("baseline", "window"), batch_sizes=(2, 4), windows=(16,),
+        overrides={"max_steps": MAX_STEPS, "warmup_steps": 1}, data_dir=str(sample_dataset),
+        storage_path=str(tmp_path_factory.mktemp("sweep")), name="cpu_grid", verbose=0,
+    )
+    _, path = run_sweep(cfg)
+    return path
+
+
+def test_sweep_experiment_analysed_without_importing_the_pipeline(sweep_experiment, tmp_path):
+    """A fresh interpreter reads the sweep's experiment and writes the report without importing
+    trainable/sweep/data_prep/torch (the saved state references the sweep's naming hook)."""
+    code = (
+        "import sys; from analysis.__main__ import main; rc = main([sys.argv[1], '--out', sys.argv[2]]); "
+        "bad = [m for m in ('trainable', 'sweep', 'data_prep', 'torch') if m in sys.modules]; "
+        "assert not bad, f'imported {bad}'; sys.exit(rc)"
+    )
+    run = subprocess.run([sys.executable, "-c", code, sweep_experiment, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for name in ("comparison_report.txt", "comparison_report.md", "trials.csv", "steps.parquet",
+                 "2_speed_vs_batch_size.png", "4_technique_comparison_bs4.png", "5_window_size_comparison.png",
+                 "7_loss_curves.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    text = (tmp_path / "comparison_report.txt").read_text()
+    # CPU trials measure no GPU memory: the memory plots say why they are missing instead of failing.
+    assert "1_memory_vs_batch_size.png skipped" in text
+    assert "bf16_window16_bs4" in (tmp_path / "trials.csv").read_text()
+
+
+def test_sweep_trials_match_their_per_step_reports(sweep_experiment):
+    from analysis import load
+
+    results = load(sweep_experiment)
+    trials = results.trials.set_index("name")
+    assert sorted(trials.index) == ["baseline_bs2", "baseline_bs4", "bf16_window16_bs2", "bf16_window16_bs4"]
+    assert (trials["status"] == "ok").all()
+    assert trials.loc["bf16_window16_bs4", "window"] == 16
+    assert trials.loc["bf16_window16_bs4", "precision"] == "bf16"
+    assert trials.loc["baseline_bs2", "attention_kernel"] == "eager"
+    for name, trial in trials.iterrows():
+        steps = results.steps[results.steps["name"] == name].sort_values("step")
+        assert steps["step"].tolist() == list(range(1, MAX_STEPS + 1))  # the last step is the final report
+        assert trial["steps_reported"] == MAX_STEPS
+        after_warmup = steps[steps["step"] > trial["speed_warmup_steps"]]
+        assert trial["speed_warmup_steps"] == 3
+        assert trial["tokens_per_s"] == pytest.approx(after_warmup["tokens_per_s"].median())
+        assert trial["step_time_median_s"] == pytest.approx(after_warmup["step_time_s"].median())
+        final = steps[steps["final"] == True].iloc[-1]  # noqa: E712
+        assert trial["val_ppl"] == pytest.approx(final["val_ppl"])
+        assert trial["final_loss"] == pytest.approx(final["loss"])
+        assert trial["train_time_s"] == pytest.approx(final["train_time_s"])
+        assert pd.isna(trial["peak_mem_mib"])  # CPU: memory not measured (NaN), never a made-up 0
