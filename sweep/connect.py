@@ -1,0 +1,250 @@
+"""Join (or start) the Ray cluster a sweep runs on, and check that its storage is reachable from every node.
+
+Token authentication (Ray >= 2.52, `RAY_AUTH_MODE=token`): Ray itself reads the token from, in order,
+`RAY_AUTH_TOKEN`, the file named by `RAY_AUTH_TOKEN_PATH`, and `~/.ray/auth_token` (what
+`ray get-auth-token --generate` writes). Ray only sends it when `RAY_AUTH_MODE=token` is set in the client,
+or when it finds the cluster by itself (`address="auto"`); for an explicit address `connect` turns token mode
+on the same way when a token is available, so holding the token is enough. A cluster that refuses the
+client is reported at once with one line (`ClusterAuthError`) instead of Ray's 20 s of retries and a bare
+`ConnectionError`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SHARED_STORAGE_ENV = "MEMEFF_SHARED_STORAGE"
+"""Set to 1/true/yes to declare that a local --storage-path is mounted on every node (NFS, EFS, ...)."""
+
+REMOTE_STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
+"""URI schemes every node reaches on its own (pyarrow filesystems Ray Tune writes through)."""
+
+TOKEN_HELP = (
+    "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or put it in ~/.ray/auth_token); "
+    "`ray get-auth-token` on the head node prints it"
+)
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster can't be started or joined (one clear line)."""
+
+
+class ClusterAuthError(ClusterError):
+    """The cluster uses token authentication and refused this client."""
+
+
+class StorageError(ValueError):
+    """The storage path can't be written by every node of the cluster (one clear line)."""
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What the sweep needs to know about the cluster it is connected to."""
+
+    address: str  # GCS address (host:port) of the cluster, also for a local instance
+    started_local: bool  # True when connect() started a fresh single-node instance
+    num_nodes: int  # alive nodes now
+    num_cpus: float  # total CPUs now
+    num_gpus: float  # total GPUs now
+    can_autoscale: bool  # the autoscaler may add nodes (so trials may land on nodes that don't exist yet)
+    auth_mode: str  # "token" or "disabled"
+
+    @property
+    def multi_node(self) -> bool:
+        """Trials may run on another machine than the driver (now or after scaling up)."""
+        return self.num_nodes > 1 or self.can_autoscale
+
+
+def connect(
+    address: str | None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    include_dashboard: bool | None = None,
+    log_to_driver: bool = True,
+) -> ClusterInfo:
+    """Start a local Ray instance (address None or "local", RAY_ADDRESS unset) or join a running cluster.
+
+    `address` is "auto" (the cluster this machine belongs to, e.g. inside `ray job submit`), "host:port"
+    (the GCS port, 6379 by default) or "ray://host:10001" (Ray Client). When Ray is already initialised
+    in this process (tests, notebooks) that session is described and reused. `num_cpus`/`num_gpus` size
+    a local instance only (with an address they raise ClusterError); `include_dashboard` applies to a local
+    instance only (a cluster's dashboard is its head's business).
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    joining = address not in (None, "local")
+    if joining and (num_cpus is not None or num_gpus is not None):
+        raise ClusterError(
+            f"--num-cpus/--num-gpus size a local Ray instance only; the cluster at {address} "
+            "already declares its resources (see `ray status` on its head node)"
+        )
+    if ray.is_initialized():
+        return describe_cluster(started_local=False)
+    if not joining:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=include_dashboard,
+            log_to_driver=log_to_driver,
+        )
+        return describe_cluster(started_local=True)
+    _enable_token_mode_if_token_available()
+    if not address.startswith("ray://"):
+        address = _resolve_address(address)
+        _check_gcs_accepts_us(address)
+    try:
+        ray.init(address=address, log_to_driver=log_to_driver)
+    except ray.exceptions.AuthenticationError as e:  # Ray Client (ray://) reports refusals this way
+        raise _auth_error(address) from e
+    except (ConnectionError, RuntimeError) as e:
+        raise ClusterError(f"could not join the Ray cluster at {address}: {_first_line(e)}") from e
+    return describe_cluster(started_local=False)
+
+
+def describe_cluster(*, started_local: bool) -> ClusterInfo:
+    """Nodes and resources of the cluster this process is connected to."""
+    import ray
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    resources = ray.cluster_resources()
+    return ClusterInfo(
+        address=ray.get_runtime_context().gcs_address,
+        started_local=started_local,
+        num_nodes=len(alive),
+        num_cpus=float(resources.get("CPU", 0.0)),
+        num_gpus=float(resources.get("GPU", 0.0)),
+        can_autoscale=False if started_local else _autoscaler_max_nodes() > 1,
+        auth_mode=_auth_mode_name(),
+    )
+
+
+def check_storage(storage_path: str, info: ClusterInfo, *, shared: bool = False) -> str:
+    """Return the storage path Tune should use, or raise StorageError if other nodes could not write there.
+
+    Remote URIs (s3://, gs://, ...) work everywhere. A local path works on a single-node cluster, and on a
+    multi-node (or autoscaling) one only when declared shared (`shared=True`, --shared-storage, or
+    MEMEFF_SHARED_STORAGE=1): an NFS/EFS mount can't be told from a local disk reliably.
+    """
+    if not storage_path:
+        raise StorageError("--storage-path is empty")
+    scheme, sep, _ = storage_path.partition("://")
+    if sep:
+        if scheme.lower() in REMOTE_STORAGE_SCHEMES:
+            return storage_path
+        if scheme.lower() != "file":
+            known = ", ".join(f"{s}://" for s in REMOTE_STORAGE_SCHEMES)
+            raise StorageError(f"--storage-path {storage_path}: unsupported scheme {scheme}:// (use {known} or a path)")
+        storage_path = storage_path[len("file://") :]
+    local = str(Path(storage_path).expanduser().resolve())
+    if info.multi_node and not (shared or shared_storage_declared()):
+        why = f"has {info.num_nodes} nodes" if info.num_nodes > 1 else "can add nodes (autoscaling)"
+        raise StorageError(
+            f"--storage-path {local} is a path on this machine, but the cluster {why} and trials on other "
+            "nodes could not write their results there: use s3://BUCKET/PREFIX or gs://BUCKET/PREFIX, or a "
+            f"directory mounted on every node (NFS/EFS) declared with --shared-storage ({SHARED_STORAGE_ENV}=1)"
+        )
+    return local
+
+
+def shared_storage_declared() -> bool:
+    """Whether MEMEFF_SHARED_STORAGE declares local storage paths shared by every node."""
+    return os.environ.get(SHARED_STORAGE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def token_available() -> bool:
+    """Whether Ray would find an authentication token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    return AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
+
+
+def _enable_token_mode_if_token_available() -> None:
+    """Send the token when we hold one: Ray does this itself only for address="auto"."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return  # the user chose explicitly (token or disabled)
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _resolve_address(address: str) -> str:
+    """'auto' or 'host:port' -> the GCS 'ip:port' Ray would connect to."""
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:
+        return canonicalize_bootstrap_address_or_die(address)
+    except (ConnectionError, ValueError) as e:
+        raise ClusterError(f"no Ray cluster at --address {address}: {_first_line(e)}") from e
+
+
+def _check_gcs_accepts_us(gcs_address: str) -> None:
+    """Ask the cluster's GCS once, so a refused token fails in milliseconds with a clear line."""
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        GcsClient(address=gcs_address)
+    except AuthenticationError as e:
+        raise _auth_error(gcs_address) from e
+    except Exception as e:  # unreachable / timed out: one line, not Ray's traceback
+        raise ClusterError(f"could not reach the Ray cluster at {gcs_address}: {_first_line(e)}") from e
+
+
+def _auth_error(address: str) -> ClusterAuthError:
+    if _auth_mode_name() == "token" and token_available():
+        return ClusterAuthError(
+            f"the cluster at {address} refused this client's authentication token (it is not the cluster's "
+            f"token): {TOKEN_HELP}"
+        )
+    return ClusterAuthError(f"the cluster at {address} requires an authentication token: {TOKEN_HELP}")
+
+
+def _auth_mode_name() -> str:
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
+
+
+def _autoscaler_max_nodes() -> int:
+    """Most nodes the cluster may grow to: 1 when nothing says it autoscales, a large number if unbounded.
+
+    Two sources: the autoscaler config KubeRay reports to the GCS, and `~/ray_bootstrap_config.yaml`, which
+    `ray up` leaves on the head node where `ray job submit` runs the sweep's driver.
+    """
+    counts = _reported_node_group_max_counts()
+    if counts:
+        return (1 << 30) if any(count < 0 for count in counts) else sum(counts)
+    bootstrap = Path.home() / "ray_bootstrap_config.yaml"
+    if bootstrap.is_file():
+        try:
+            import yaml
+
+            return 1 + int(yaml.safe_load(bootstrap.read_text()).get("max_workers", 0))
+        except Exception as e:  # unreadable: judge by the nodes alone
+            logger.debug("unreadable %s: %s", bootstrap, e)
+    return 1
+
+
+def _reported_node_group_max_counts() -> list[int]:
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception as e:  # a GCS without the autoscaler v2 config
+        logger.debug("no autoscaler cluster config: %s", e)
+        return []
+    return [group.max_count for group in config.node_group_configs] if config is not None else []
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
