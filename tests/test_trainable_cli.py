@@ -1,0 +1,90 @@
+"""`python -m trainable`: seed-compatible flags, --metrics-out JSON lines, one-line errors with exit 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trainable.cli import build_parser, config_from_args, main
+
+TINY = ["--device", "cpu", "--n-layers", "2", "--d-model", "32", "--n-heads", "4", "--ff-dim", "64",
+        "--seq-len", "64", "--batch-size", "4", "--warmup-steps", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_seed_flags_map_onto_switches():
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(["--data", "/d", *argv]))
+
+    assert cfg().label == "baseline"
+    assert cfg("--bf16").label == "bf16"
+    assert cfg("--bf16", "--flash-attn").label == "bf16_flash"
+    assert cfg("--bf16", "--flash-attn", "--window-size", "16").label == "bf16_window16"
+    assert cfg("--bf16", "--window-size", "16").label == "bf16_window16"
+    assert cfg("--gradient-checkpointing").label == "gradcp"
+    assert cfg("--technique", "flash", "--gradient-checkpointing").label == "bf16_flash_gradcp"
+    c = cfg("--technique", "window", "--window-size", "8", "--max-steps", "5", "--lr", "1e-3", "--seed", "7",
+            "--gpu-memory-gb", "4", "--epochs", "2")
+    assert (c.window, c.max_steps, c.lr, c.seed, c.gpu_memory_gb, c.epochs) == (8, 5, 1e-3, 7, 4.0, 2)
+
+
+def test_metrics_out_writes_one_json_object_per_step(sample_dataset, tmp_path, capsys):
+    out = tmp_path / "metrics.jsonl"
+    code = main(["--data", str(sample_dataset), *TINY, "--max-steps", "4", "--eval-interval", "2",
+                 "--eval-batches", "1", "--metrics-out", str(out), "--log-every", "2"])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r.keys() >= {"step", "loss", "tokens_per_s", "mem_step_peak_mib", "attention_kernel"} for r in rows)
+    assert rows[-1]["final"] is True and "val_loss" in rows[1]
+    assert not (tmp_path / "metrics.jsonl.partial").exists()
+    printed = capsys.readouterr().out
+    assert "step      2" in printed and "val_loss" in printed and "done in" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--flash-attn", "--bf16", "--device", "cpu"], "flash attention needs a CUDA GPU; use --device cuda or "
+                                                         "technique bf16"),
+        (["--flash-attn"], "flash attention needs bf16 precision"),
+        (["--window-size", "0"], "window must be between 1 and seq_len - 1"),
+        (["--window-size", "64"], "window must be between 1 and seq_len - 1"),
+        (["--batch-size", "0"], "batch size must be >= 1"),
+        (["--technique", "gradcpp"], "did you mean 'gradcp'?"),
+        (["--d-model", "30"], "d_model 30 is not divisible by n_heads 4"),
+        (["--vocab-size", "999"], "vocab_size 999 does not match the dataset's"),
+        (["--data", "/nonexistent/prepared"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(sample_dataset, tmp_path, capsys, argv, message):
+    out = tmp_path / "m.jsonl"
+    code = main(["--data", str(sample_dataset), *TINY, "--max-steps", "1", "--metrics-out", str(out), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "m.jsonl.partial").exists()
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--batch-size", "many"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "invalid int value: 'many'" in err and "\n" not in err
+
+
+def test_module_entry_point_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainable", "--data", str(tmp_path), "--flash-attn", "--bf16",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("python -m trainable: error: flash attention needs a CUDA GPU; "
+                                   "use --device cuda or technique bf16")

@@ -1,0 +1,193 @@
+"""Attention kernels behind one signature, in a small registry.
+
+Every kernel maps q, k, v of shape (batch, heads, seq, head_dim) to the attention output of the
+same shape, causal, optionally restricted to a sliding window. THE WINDOW, defined once:
+
+    with window W, the query at position i attends to the keys j with  i - W < j <= i,
+
+i.e. W keys including itself (fewer at the start of the sequence). flash_attn expresses this as
+`window_size=(W - 1, 0)`, flex as the mask `0 <= i - j < W`, eager/SDPA as the boolean mask
+`sliding_window_causal_mask`. `window=None` is plain causal attention.
+
+Which kernel runs is decided inside the trial from the config and the hardware (`select_kernel`),
+never at import time; the trial reports the chosen kernel's name as `attention_kernel`. Kernels do
+not fall back silently: `sdpa_flash` allows only SDPA's flash backend, so an unsupported input
+raises instead of quietly running the math kernel.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import ConfigError
+
+Attend = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q, k, v) -> out, all (B, H, T, Dh)
+FLASH_INSTALL_HINT = "pip install 'memeff-sweep[flash]'"
+
+
+@functools.lru_cache(maxsize=32)
+def sliding_window_causal_mask(seq_len: int, window: int | None, device: torch.device) -> Tensor:
+    """Boolean (T, T) mask, True where query i may attend key j: j <= i and i - j < window."""
+    i = torch.arange(seq_len, device=device)
+    distance = i[:, None] - i[None, :]
+    allowed = distance >= 0
+    if window is not None:
+        allowed &= distance < window
+    return allowed
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
+    """Textbook attention: materialises the (B, H, T, T) score matrix, masked softmax in fp32."""
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    mask = sliding_window_causal_mask(q.size(-2), window, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return probs @ v
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
+    """torch SDPA with whatever backend torch picks (math on CPU); a window becomes an explicit mask."""
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mask = sliding_window_causal_mask(q.size(-2), window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def sdpa_flash_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
+    """torch SDPA restricted to the FlashAttention backend: fails loudly rather than falling back."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if window is not None:
+        raise ValueError("sdpa_flash has no sliding window; use flash_attn or flex")
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def flash_attn_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
+    """Tri Dao's flash_attn package (imported on first use); it wants (B, T, H, Dh)."""
+    from flash_attn import flash_attn_func
+
+    window_size = (window - 1, 0) if window is not None else (-1, -1)
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                          causal=True, window_size=window_size)
+    return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=32)
+def flex_block_mask(seq_len: int, window: int | None, device: torch.device):
+    """flex_attention BlockMask of the sliding-window causal pattern (built once per shape)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sliding_window_causal(b, h, q_idx, kv_idx):
+        distance = q_idx - kv_idx
+        allowed = distance >= 0
+        if window is not None:
+            allowed = allowed & (distance < window)
+        return allowed
+
+    return create_block_mask(sliding_window_causal, None, None, seq_len, seq_len, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    """flex_attention only becomes a fused kernel under torch.compile (compiled on first CUDA use)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
+    """torch flex_attention with a sliding-window causal BlockMask; compiled on CUDA.
+
+    On CPU it runs flex's unfused reference path (forward only), which tests use to check the mask.
+    """
+    block_mask = flex_block_mask(q.size(-2), window, q.device)
+    if q.is_cuda:
+        return _compiled_flex()(q, k, v, block_mask=block_mask)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@dataclass(frozen=True)
+class AttentionKernel:
+    """One entry of the registry: the function plus what it needs, so selection is a table lookup."""
+
+    name: str
+    fn: Callable[..., Tensor]  # fn(q, k, v, window)
+    attentions: tuple[str, ...]  # which `attention` switches it can run
+    needs_cuda: bool = False
+    needs_bf16: bool = False
+    is_available: Callable[[], bool] = lambda: True
+    install_hint: str | None = None
+
+    def bind(self, window: int | None) -> Attend:
+        """The (q, k, v) -> out callable a model layer calls."""
+        return functools.partial(self.fn, window=window)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionKernel] = {
+    k.name: k
+    for k in (
+        AttentionKernel("eager", eager_attention, ("standard", "window")),
+        AttentionKernel("sdpa", sdpa_attention, ("standard", "window")),
+        AttentionKernel("sdpa_flash", sdpa_flash_attention, ("flash",), needs_cuda=True, needs_bf16=True),
+        AttentionKernel("flash_attn", flash_attn_attention, ("flash", "window"), needs_cuda=True, needs_bf16=True,
+                        is_available=_flash_attn_installed, install_hint=FLASH_INSTALL_HINT),
+        AttentionKernel("flex", flex_attention_kernel, ("window",), needs_cuda=True),
+    )
+}
+
+# First eligible kernel wins ("auto"). Exact causal attention for `standard` stays eager on purpose:
+# the baseline is the memory-hungry textbook kernel the memory-efficient ones are measured against.
+KERNEL_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "standard": ("eager",),
+    "flash": ("flash_attn", "sdpa_flash"),
+    "window": ("flash_attn", "flex", "eager"),
+}
+CUDA_NEEDED = "flash attention needs a CUDA GPU; use --device cuda or technique bf16"
+
+
+def _why_not(kernel: AttentionKernel, attention: str, precision: str, device_type: str) -> str | None:
+    """Why `kernel` cannot run here (one line), or None when it can."""
+    if attention not in kernel.attentions:
+        return f"kernel {kernel.name!r} cannot run {attention!r} attention"
+    if kernel.needs_cuda and device_type != "cuda":
+        return CUDA_NEEDED
+    if kernel.needs_bf16 and precision != "bf16":
+        return f"kernel {kernel.name!r} needs bf16 precision, got {precision!r}"
+    if not kernel.is_available():
+        return f"kernel {kernel.name!r} is not installed: {kernel.install_hint}"
+    return None
+
+
+def select_kernel(attention: str, precision: str, device_type: str, requested: str = "auto") -> AttentionKernel:
+    """The kernel a trial runs: `requested` if it can run here, else the first eligible preference."""
+    if requested != "auto":
+        kernel = ATTENTION_BACKENDS[requested]
+        reason = _why_not(kernel, attention, precision, device_type)
+        if reason:
+            raise ConfigError(reason)
+        return kernel
+    reasons = []
+    for name in KERNEL_PREFERENCE[attention]:
+        kernel = ATTENTION_BACKENDS[name]
+        reason = _why_not(kernel, attention, precision, device_type)
+        if reason is None:
+            return kernel
+        reasons.append(reason)
+    raise ConfigError(CUDA_NEEDED if CUDA_NEEDED in reasons else reasons[0])

@@ -1,0 +1,135 @@
+"""Per-step measurement that stays off the GPU's critical path, and the OOM classifier.
+
+Memory: the CUDA caching allocator keeps its statistics on the host, so resetting and reading the
+peak between phases costs no synchronisation. Time: a CUDA event pair per step, read one step
+later (by then the GPU is past it, so reading it rarely waits and never idles the GPU).
+
+On CPU there is no allocator to ask: every memory key is NaN ("not measured"), never 0.0, so
+an average over trials cannot mistake "unknown" for "free"; time is host wall-clock.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Protocol
+
+import torch
+
+MIB = float(1 << 20)
+NOT_MEASURED = math.nan
+
+# Allocation failures that reach Python as a plain RuntimeError rather than torch.OutOfMemoryError:
+# "CUDA error: out of memory" (kernel launches, cudaMalloc outside the caching allocator),
+# "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)" and its cuDNN/cuSOLVER/cuSPARSE
+# siblings (a library workspace that no longer fits), cuFFT's own spelling, and the CPU allocator.
+_OOM_MARKERS = (
+    "out of memory",
+    "status_alloc_failed",
+    "cufft_alloc_failed",
+    "can't allocate memory",
+)
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    """True when `exc` (or an exception it was explicitly raised from) is an allocation failure.
+
+    Only `__cause__` is followed (`raise X from oom`, as torch.compile does), not `__context__`: a
+    different error raised while handling an OOM is a bug, not a memory result.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        if isinstance(exc, RuntimeError):
+            message = str(exc).lower()
+            if any(marker in message for marker in _OOM_MARKERS):
+                return True
+        exc = exc.__cause__
+    return False
+
+
+class MemoryProbe(Protocol):
+    def reset_peak(self) -> None: ...
+    def peak_mib(self) -> float: ...
+    def allocated_mib(self) -> float: ...
+    def reserved_mib(self) -> float: ...
+
+
+class CudaMemory:
+    """The caching allocator's counters for one device (host-side reads, no sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_mib(self) -> float:
+        return torch.cuda.max_memory_allocated(self.device) / MIB
+
+    def allocated_mib(self) -> float:
+        return torch.cuda.memory_allocated(self.device) / MIB
+
+    def reserved_mib(self) -> float:
+        return torch.cuda.memory_reserved(self.device) / MIB
+
+
+class NoMemory:
+    """CPU: memory is not measured (NaN)."""
+
+    def reset_peak(self) -> None:
+        pass
+
+    def peak_mib(self) -> float:
+        return NOT_MEASURED
+
+    allocated_mib = reserved_mib = peak_mib
+
+
+class CudaTimer:
+    """Step time as GPU time between two events recorded around the step."""
+
+    def start(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, started) -> tuple:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return started, event
+
+    @staticmethod
+    def seconds(span: tuple) -> float:
+        started, stopped = span
+        stopped.synchronize()
+        return started.elapsed_time(stopped) / 1000.0
+
+
+class HostTimer:
+    """CPU: the step ran synchronously, wall-clock is its time."""
+
+    def start(self) -> float:
+        return time.perf_counter()
+
+    def stop(self, started: float) -> tuple[float, float]:
+        return started, time.perf_counter()
+
+    @staticmethod
+    def seconds(span: tuple[float, float]) -> float:
+        return span[1] - span[0]
+
+
+def probes_for(device: torch.device) -> tuple[MemoryProbe, CudaTimer | HostTimer]:
+    if device.type == "cuda":
+        return CudaMemory(device), CudaTimer()
+    return NoMemory(), HostTimer()
+
+
+def gpu_facts(device: torch.device) -> dict:
+    """Run facts about the accelerator (None / NaN on CPU)."""
+    if device.type != "cuda":
+        return {"gpu_name": None, "gpu_total_mib": NOT_MEASURED}
+    props = torch.cuda.get_device_properties(device)
+    return {"gpu_name": props.name, "gpu_total_mib": props.total_memory / MIB}
