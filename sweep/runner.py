@@ -1,0 +1,364 @@
+"""A sweep end to end: validate everything, connect Ray, run the grid (or the max-batch search).
+
+`SweepConfig` is what the CLI builds; `plan_sweep` validates it without Ray (every problem is one
+`SweepError` line); `run_sweep` and `find_max_batch_size` run it.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .grid import PRESETS, SEED_TECHNIQUES, GridPreset, SweepError, build_grid
+from .probe import MAX_BATCH_FILE, MaxBatchSettings, format_max_batch
+from .tuning import (
+    check_fresh_name,
+    cluster_gpus,
+    connect_ray,
+    default_name,
+    experiment_path,
+    format_rows,
+    is_uri,
+    latest_experiment,
+    local_gpus,
+    param_space,
+    read_json,
+    resolve_storage,
+    summary_rows,
+    sweep_trainable,
+    trial_resources,
+    write_json_atomic,
+)
+
+GRID_FILE = "sweep_grid.json"  # the validated grid, so --resume can rebuild the exact param space
+
+# The shipped sample is prepared on first use with a vocabulary that suits its size. It is small
+# (a few hundred rows of 256 tokens), so a GPU grid on it uses shorter rows and a step budget
+# (several passes) unless the flags say otherwise; --data DIR is for real measurements.
+SAMPLE_VOCAB = {"gpu": 2048, "cpu": 1024}
+SAMPLE_GPU_OVERRIDES = {"seq_len": 256, "max_steps": 100, "warmup_steps": 10}
+BUDGET_KEYS = ("epochs", "max_steps", "max_tokens")
+
+
+@dataclass
+class SweepConfig:
+    """Everything one `python -m sweep.run` does; validated once by `plan_sweep`."""
+
+    preset: str | None = None  # seed | cpu | None: auto (seed with GPUs, else cpu) unless a grid is given
+    techniques: tuple[str, ...] | None = None
+    batch_sizes: tuple[int, ...] | None = None
+    windows: tuple[int, ...] | None = None
+    only: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
+    overrides: dict[str, Any] = field(default_factory=dict)  # model size and budget
+    data_dir: str | None = None
+    device: str = "auto"  # auto | cuda | cpu
+    gpu_memory_gb: float | None = None
+    address: str | None = None
+    storage_path: str = "results"
+    name: str | None = None
+    max_concurrent: int | None = None
+    cpus_per_trial: int | None = None
+    resume: bool = False
+    verbose: int = 1
+    # max-batch search
+    find_max_batch: bool = False
+    granularity: int = 1
+    start: int | None = None
+    max_batch: int | None = None
+    probe_steps: int = 3
+
+    @property
+    def grid_given(self) -> bool:
+        return any(x is not None for x in (self.techniques, self.batch_sizes, self.windows))
+
+
+@dataclass
+class SweepPlan:
+    """A validated sweep: the grid, whether it needs GPUs, where data and results go."""
+
+    cfg: SweepConfig
+    preset_name: str  # seed | cpu | custom
+    grid: list[dict[str, Any]]
+    use_gpu: bool
+    data_dir: str
+    storage: str
+    name: str
+    sample: tuple[str, int, int] | None = None  # (dir, vocab, seq_len) still to prepare
+    notice: str | None = None
+
+    @property
+    def path(self) -> str:
+        return experiment_path(self.storage, self.name)
+
+
+def _preset_for(cfg: SweepConfig, gpus: int | None) -> tuple[str, GridPreset]:
+    if cfg.preset is not None:
+        if cfg.preset not in PRESETS:
+            raise SweepError(f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
+        return cfg.preset, PRESETS[cfg.preset]
+    if cfg.grid_given:
+        cpu = cfg.device == "cpu" or (cfg.device == "auto" and gpus == 0)
+        base = PRESETS["cpu" if cpu else "seed"]
+        return "custom", GridPreset(
+            techniques=cfg.techniques or SEED_TECHNIQUES, batch_sizes=cfg.batch_sizes or base.batch_sizes,
+            windows=cfg.windows or (), overrides=base.overrides, needs_gpu=not cpu,
+        )
+    if cfg.device == "cpu" or (cfg.device == "auto" and gpus == 0):
+        return "cpu", PRESETS["cpu"]
+    return "seed", PRESETS["seed"]
+
+
+def _default_data(seq_len: int, kind: str) -> tuple[str, int]:
+    vocab = SAMPLE_VOCAB[kind]
+    return str(Path("prepared").resolve() / f"sample-bpe{vocab}-s{seq_len}"), vocab
+
+
+def _check_data(data_dir: str, grid: list[dict[str, Any]]) -> None:
+    from data_prep import DataPrepError, open_dataset
+
+    if not Path(data_dir).is_dir():
+        raise SweepError(f"--data {data_dir}: no such directory (prepare one with python -m data_prep)")
+    try:
+        ds = open_dataset(data_dir, verify="size")
+    except DataPrepError as exc:
+        raise SweepError(f"--data {data_dir}: {exc}") from None
+    seq_lens = {p["seq_len"] for p in grid}
+    too_long = [s for s in seq_lens if s > ds.seq_len]
+    if too_long:
+        raise SweepError(f"dataset {data_dir} has rows of {ds.seq_len} tokens, shorter than the grid's seq_len "
+                         f"{max(too_long)}: pass --seq-len {ds.seq_len} or prepare the data with a longer --seq-len")
+    rows = ds.split("train").num_rows
+    too_big = sorted({p["batch_size"] for p in grid if p["batch_size"] > rows})
+    if too_big:
+        raise SweepError(f"dataset {data_dir} has {rows} training rows, fewer than batch size {too_big[0]}: "
+                         "use smaller batch sizes or more data")
+
+
+def plan_sweep(cfg: SweepConfig, gpus: int | None = None) -> SweepPlan:
+    """Validate the whole sweep without Ray; `gpus` = the cluster's GPUs when known (None: not yet)."""
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise SweepError(f"unknown device {cfg.device!r}; choose from auto, cuda, cpu")
+    if cfg.max_concurrent is not None and cfg.max_concurrent < 1:
+        raise SweepError(f"--max-concurrent must be >= 1, got {cfg.max_concurrent}")
+    if cfg.cpus_per_trial is not None and cfg.cpus_per_trial < 1:
+        raise SweepError(f"--cpus-per-trial must be >= 1, got {cfg.cpus_per_trial}")
+    if cfg.gpu_memory_gb is not None and not cfg.gpu_memory_gb > 0:
+        raise SweepError(f"--gpu-memory-gb must be positive, got {cfg.gpu_memory_gb}")
+    for flag, value, low in (("--granularity", cfg.granularity, 1), ("--start", cfg.start, 1),
+                             ("--max", cfg.max_batch, 1), ("--probe-steps", cfg.probe_steps, 1)):
+        if value is not None and value < low:
+            raise SweepError(f"{flag} must be >= {low}, got {value}")
+    if cfg.resume and cfg.find_max_batch:
+        raise SweepError("--resume continues a sweep; a max-batch search starts afresh")
+
+    preset_name, preset = _preset_for(cfg, gpus)
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and preset.needs_gpu)
+    if cfg.device == "cpu" and preset_name == "seed":
+        use_gpu = False
+    overrides = {**preset.overrides, **cfg.overrides}
+    if not use_gpu:
+        overrides["device"] = "cpu"
+    elif cfg.device == "cuda":
+        overrides["device"] = "cuda"
+    if cfg.gpu_memory_gb is not None:
+        if not use_gpu:
+            raise SweepError("--gpu-memory-gb limits a CUDA GPU; it cannot be used with a CPU grid")
+        overrides["gpu_memory_gb"] = cfg.gpu_memory_gb
+
+    sample_notice = None
+    if cfg.data_dir is None and use_gpu:
+        for key, value in SAMPLE_GPU_OVERRIDES.items():
+            if key in cfg.overrides or (key == "max_steps" and any(k in cfg.overrides for k in BUDGET_KEYS)):
+                continue
+            overrides[key] = value
+        sample_notice = (f"notice: no --data: the {preset_name} grid runs on the small shipped Polish sample "
+                         f"(seq_len {overrides.get('seq_len')}"
+                         f"{', %s steps' % overrides['max_steps'] if overrides.get('max_steps') else ''}); "
+                         "pass --data DIR (python -m data_prep) for a real measurement")
+    seq_len = int(overrides.get("seq_len", 512))
+    sample = None
+    if cfg.data_dir is not None:
+        data_dir = str(Path(cfg.data_dir).expanduser().resolve())
+    else:
+        data_dir, vocab = _default_data(seq_len, "gpu" if use_gpu else "cpu")
+        if not (Path(data_dir) / "manifest.json").is_file():
+            sample = (data_dir, vocab, seq_len)
+    overrides["data_dir"] = data_dir
+
+    techniques = preset.techniques
+    batch_sizes = preset.batch_sizes
+    windows = preset.windows
+    if preset_name != "custom":  # explicit flags refine a preset
+        techniques = cfg.techniques or techniques
+        batch_sizes = cfg.batch_sizes or batch_sizes
+        windows = cfg.windows or (windows if any(t in ("window", "window_gradcp") for t in techniques) else ())
+    if cfg.find_max_batch:
+        batch_sizes = (cfg.start or 1,)
+    grid = build_grid(techniques, batch_sizes, windows, overrides=overrides, only=cfg.only, skip=cfg.skip)
+    if cfg.data_dir is not None and not cfg.find_max_batch:
+        _check_data(data_dir, grid)
+    elif cfg.data_dir is not None:
+        _check_data(data_dir, [{**p, "batch_size": 1} for p in grid])
+
+    storage = resolve_storage(cfg.storage_path)
+    name = cfg.name
+    if cfg.resume:
+        name = name or latest_experiment(storage)
+        if name is None:
+            raise SweepError(f"--resume: no experiment under {storage} (pass --name of the one to resume)")
+        path = experiment_path(storage, name)
+        if not is_uri(path) and not any(Path(path).glob("experiment_state-*.json")):
+            raise SweepError(f"--resume: {path} is not a Tune experiment directory")
+    else:
+        name = name or default_name("max-batch" if cfg.find_max_batch else preset_name)
+        check_fresh_name(storage, name)
+
+    notice = sample_notice
+    if preset_name == "cpu" and cfg.preset is None:
+        notice = (f"notice: no GPU in the Ray cluster: running {PRESETS['cpu'].description}; "
+                  "use --preset seed on a GPU machine for the real sweep")
+    return SweepPlan(cfg=cfg, preset_name=preset_name, grid=grid, use_gpu=use_gpu, data_dir=data_dir,
+                     storage=storage, name=name, sample=sample, notice=notice)
+
+
+def _precheck_local_gpus(cfg: SweepConfig) -> int | None:
+    """Without --address we know the local instance's GPUs before starting Ray."""
+    import os
+
+    if cfg.address not in (None, "local") or (cfg.address is None and os.environ.get("RAY_ADDRESS")):
+        return None
+    ray = sys.modules.get("ray")  # in-process Ray already up (a notebook, the tests): ask it
+    if ray is not None and ray.is_initialized():
+        return cluster_gpus()
+    return local_gpus()
+
+
+def _require_gpus(plan: SweepPlan, gpus: int) -> None:
+    if plan.use_gpu and gpus == 0:
+        where = f"at {plan.cfg.address}" if plan.cfg.address else "(local instance)"
+        raise SweepError(f"the {plan.preset_name} grid needs GPUs (one per trial) but the Ray cluster {where} "
+                         "has none: use --device cpu for a CPU grid, or --address of a GPU cluster")
+
+
+def prepare(cfg: SweepConfig) -> SweepPlan:
+    """Validate (before Ray), connect to Ray, re-plan with the cluster's GPUs, prepare the sample."""
+    gpus = _precheck_local_gpus(cfg)
+    plan = plan_sweep(cfg, gpus)
+    if gpus is not None:
+        _require_gpus(plan, gpus)
+    connect_ray(cfg.address)
+    if (cfg.address not in (None, "local")) and not is_uri(plan.storage):
+        print(f"note: on a multi-node cluster --storage-path must be shared by every node (NFS or s3://); "
+              f"using {plan.storage}", file=sys.stderr)
+    gpus = cluster_gpus()
+    plan = plan_sweep(cfg, gpus)
+    _require_gpus(plan, gpus)
+    if plan.sample is not None and not cfg.resume:
+        _prepare_sample(*plan.sample)
+    if cfg.data_dir is None and not cfg.resume:  # the sample: enough rows for every batch size?
+        _check_data(plan.data_dir, [{**p, "batch_size": 1} for p in plan.grid] if cfg.find_max_batch else plan.grid)
+    return plan
+
+
+def _prepare_sample(out_dir: str, vocab: int, seq_len: int) -> None:
+    from data_prep import prepare_dataset
+
+    print(f"preparing the shipped Polish sample into {out_dir} (once)", file=sys.stderr)
+    prepare_dataset(out_dir=out_dir, tokenizer="bpe", vocab_size=vocab, seq_len=seq_len, seed=0)
+
+
+def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None):
+    """Run (or resume) the grid on Ray Tune; returns (ResultGrid, experiment path)."""
+    from ray import tune
+
+    plan = plan or prepare(cfg)
+    if plan.notice:
+        print(plan.notice, file=sys.stderr)
+    resources = trial_resources(plan.use_gpu, cfg.cpus_per_trial)
+    trainable = tune.with_resources(sweep_trainable, resources)
+    grid_file = f"{plan.path}/{GRID_FILE}"
+    if cfg.resume:
+        # Tune keeps the grid's sample_from lookups only in memory: hand the same param space back.
+        saved = read_json(grid_file)
+        if not saved or not saved.get("grid"):
+            raise SweepError(f"--resume: {grid_file} is missing: {plan.path} was not written by python -m sweep.run")
+        print(f"resuming {plan.path}", file=sys.stderr)
+        tuner = tune.Tuner.restore(plan.path, trainable=trainable, resume_unfinished=True, restart_errored=True,
+                                   param_space=param_space(saved["grid"]))
+    else:
+        write_json_atomic(grid_file, {"preset": plan.preset_name, "use_gpu": plan.use_gpu,
+                                      "resources": resources, "grid": plan.grid})
+        from .tuning import name_trial
+
+        print(f"{len(plan.grid)} trials ({plan.preset_name} grid), {resources} each -> {plan.path}", file=sys.stderr)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(plan.grid),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=cfg.max_concurrent,
+                reuse_actors=False,
+                trial_name_creator=name_trial,
+                trial_dirname_creator=name_trial,
+            ),
+            run_config=tune.RunConfig(
+                name=plan.name,
+                storage_path=plan.storage,
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                verbose=cfg.verbose,
+            ),
+        )
+    return tuner.fit(), plan.path
+
+
+def find_max_batch_size(cfg: SweepConfig, plan: SweepPlan | None = None) -> tuple[list[dict[str, Any]], str]:
+    """The max-batch search for every technique (and window) of the grid; returns (records, path)."""
+    plan = plan or prepare(replace(cfg, find_max_batch=True))
+    if plan.notice:
+        print(plan.notice, file=sys.stderr)
+    from data_prep import open_dataset
+
+    rows = open_dataset(plan.data_dir, verify="size").split("train").num_rows
+    upper = min(cfg.max_batch or rows, rows)
+    if cfg.max_batch and cfg.max_batch > rows:
+        print(f"note: the dataset has {rows} training rows: the search stops at batch size {rows}", file=sys.stderr)
+    parallelism = cfg.max_concurrent or (cluster_gpus() if plan.use_gpu else 1) or 1
+    start = min(cfg.start or (32 if plan.use_gpu else 1), upper)
+    settings = MaxBatchSettings(start=start, max_batch_size=upper, granularity=cfg.granularity,
+                                probe_steps=cfg.probe_steps, parallelism=parallelism)
+    if settings.granularity > upper:
+        raise SweepError(f"--granularity {cfg.granularity} is larger than the largest batch size to try ({upper})")
+    resources = trial_resources(plan.use_gpu, cfg.cpus_per_trial)
+    print(f"max-batch search over {len(plan.grid)} techniques, {parallelism} probe(s) per round, "
+          f"batch {start}..{upper}, granularity {cfg.granularity} -> {plan.path}/{MAX_BATCH_FILE}", file=sys.stderr)
+    from .max_batch import run_max_batch_search
+
+    records = run_max_batch_search(plan.grid, settings, storage=plan.storage, name=plan.name,
+                                   resources=resources, verbose=cfg.verbose)
+    return records, plan.path
+
+
+def results_table(results, path: str) -> str:
+    """The comparison table from `analysis` (writing its report next to the results), else a short one."""
+    try:
+        import analysis
+    except ImportError:
+        analysis = None
+    if analysis is not None:
+        try:
+            loaded = analysis.load(path)
+            text = analysis.format_table(loaded)
+            out_dir = None if is_uri(path) else str(Path(path) / "analysis")
+            if out_dir is not None:
+                analysis.write_report(loaded, out_dir)
+                text += f"\n\nreport and plots: {out_dir}"
+            return text
+        except Exception as exc:  # the sweep still ends cleanly with our own table
+            print(f"note: analysis could not build the report ({type(exc).__name__}: {exc}); "
+                  "showing a short table", file=sys.stderr)
+    return format_rows(summary_rows(results))
+
+
+__all__ = ["SweepConfig", "SweepPlan", "find_max_batch_size", "format_max_batch", "plan_sweep", "prepare",
+           "results_table", "run_sweep"]

@@ -1,0 +1,111 @@
+"""The sweep end to end on a local Ray (tiny model, few steps) and the CLI's refusals of bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sweep import PRESETS, SweepConfig, SweepError, build_grid, plan_sweep, run_sweep, trial_name
+from sweep.runner import results_table
+from sweep.tuning import GRID_KEY, param_space
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"n_layers": 1, "d_model": 32, "n_heads": 2, "ff_dim": 64, "seq_len": 32, "max_steps": 4,
+        "eval_batches": 1, "eval_batch_size": 4}
+
+
+def test_seed_preset_is_the_seeds_18_experiments():
+    preset = PRESETS["seed"]
+    grid = build_grid(preset.techniques, preset.batch_sizes, preset.windows, overrides={"data_dir": "/d"})
+    names = [trial_name(p) for p in grid]
+    assert len(names) == len(set(names)) == 18
+    for label in ("baseline", "bf16", "bf16_flash", "bf16_window16", "bf16_window32", "gradcp"):
+        assert {f"{label}_bs{bs}" for bs in (32, 64, 128)} <= set(names)
+    assert all(p["window"] is None for p in grid if "window" not in trial_name(p))
+
+
+def test_only_skip_and_windows_shape_the_grid():
+    grid = build_grid(["bf16", "window"], [16, 32], [8, 16], overrides={"data_dir": "/d", "device": "cpu"},
+                      only=["window"], skip=["bs32"])
+    assert sorted(trial_name(p) for p in grid) == ["bf16_window16_bs16", "bf16_window8_bs16"]
+    with pytest.raises(SweepError, match="windowed technique"):
+        build_grid(["bf16"], [8], [16], overrides={"data_dir": "/d"})
+    with pytest.raises(SweepError, match="no trials"):
+        build_grid(["bf16"], [8], overrides={"data_dir": "/d"}, only=["flash"])
+
+
+def test_param_space_is_flat_with_one_grid_search():
+    grid = build_grid(["baseline", "window"], [4, 8], [8], overrides={"data_dir": "/d", "device": "cpu"})
+    space = param_space(grid)
+    assert set(space) == set(grid[0]) | {GRID_KEY}
+    assert sorted(space[GRID_KEY]["grid_search"]) == sorted(trial_name(p) for p in grid)
+    assert space["device"] == "cpu"  # constants stay plain values
+
+
+def test_gpu_memory_gb_reaches_every_trial_config():
+    plan = plan_sweep(SweepConfig(techniques=("bf16",), batch_sizes=(8,), device="cuda", gpu_memory_gb=12.5,
+                                  data_dir=None), gpus=1)
+    assert [p["gpu_memory_gb"] for p in plan.grid] == [12.5] and plan.use_gpu
+
+
+def test_small_sweep_end_to_end(ray_local, sample_dataset, tmp_path):
+    from ray import tune
+
+    from trainable import TrialConfig
+
+    cfg = SweepConfig(techniques=("baseline", "window"), windows=(8,), batch_sizes=(4, 8), overrides=TINY,
+                      data_dir=str(sample_dataset), device="cpu", storage_path=str(tmp_path), name="e2e", verbose=0)
+    results, path = run_sweep(cfg)
+    expected = {"baseline_bs4", "baseline_bs8", "bf16_window8_bs4", "bf16_window8_bs8"}
+    assert path == str(tmp_path / "e2e")
+    assert {r.config[GRID_KEY] for r in results} == expected
+    for r in results:
+        assert r.error is None
+        assert r.metrics["final"] is True and r.metrics["status"] == "ok" and r.metrics["step"] == 4
+        assert Path(r.path).name == r.config[GRID_KEY]  # trial dirs carry the trial names
+        cfg_back = TrialConfig.from_dict({k: v for k, v in r.config.items() if k != GRID_KEY})
+        assert trial_name(cfg_back) == r.config[GRID_KEY]  # the flat config is the trial's own
+        assert cfg_back.batch_size == r.metrics["batch_size"]
+
+    restored = tune.ResultGrid(tune.ExperimentAnalysis(path))
+    assert {r.config[GRID_KEY] for r in restored} == expected
+    assert all(r.error is None and r.metrics["status"] == "ok" for r in restored)
+    table = results_table(results, path)
+    assert "bf16_window8" in table and "baseline" in table
+
+    with pytest.raises(SweepError, match="already exists"):
+        plan_sweep(cfg, gpus=0)
+
+
+BAD_INPUT = [
+    (["--techniques", "nope"], "unknown technique"),
+    (["--techniques", "bf16", "--windows", "16"], "windowed technique"),
+    (["--batch-sizes", "0"], "batch size"),
+    (["--data", "/no/such/dir"], "no such directory"),
+    (["--preset", "seed"], "needs GPUs"),
+    (["--device", "cuda", "--techniques", "bf16"], "needs GPUs"),
+    (["--find-max-batch", "--granularity", "0"], "--granularity"),
+    (["--techniques", "flash", "--device", "cpu"], "CUDA"),
+]
+
+
+def test_bad_cli_input_exits_2_with_one_line_before_ray_starts(tmp_path):
+    """All cases run at once (2 cores): each must fail on validation, long before a Ray start would end."""
+    env = {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    t0 = time.monotonic()
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "sweep.run", *args, "--storage-path", str(tmp_path)], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for args, _ in BAD_INPUT
+    ]
+    for proc, (args, needle) in zip(procs, BAD_INPUT):
+        out, err = proc.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2, (args, err)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (args, err)
+        assert "Traceback" not in err and "Ray instance" not in out + err
+    assert time.monotonic() - t0 < 90
+    assert not any(tmp_path.iterdir())  # nothing written
