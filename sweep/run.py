@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("ray")
     r.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local instance)")
     r.add_argument("--storage-path", default="results", help="local dir, NFS or s3://... (default ./results)")
+    r.add_argument("--shared-storage", action="store_true",
+                   help="the local --storage-path is mounted by every node (NFS); required for a local path on a multi-node cluster")
     r.add_argument("--name", help="experiment name (default: <grid>-<timestamp>)")
     r.add_argument("--max-concurrent", type=int)
     r.add_argument("--cpus-per-trial", type=int)
@@ -96,6 +98,7 @@ def config_from_args(argv: Sequence[str] | None = None):
         gpu_memory_gb=args.gpu_memory_gb,
         address=args.address,
         storage_path=args.storage_path,
+        shared_storage=args.shared_storage,
         name=args.name,
         max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial,
@@ -115,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, args = config_from_args(argv)
         from .grid import SweepError
         from data_prep import DataPrepError
+
+        from .connect import ClusterError, StorageError
 
         from .runner import _precheck_local_gpus, find_max_batch_size, plan_sweep, prepare, results_table, run_sweep
     except _UsageError as exc:
@@ -143,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if errored:
             print(f"{errored} trial(s) failed; see the error column above and {path}", file=sys.stderr)
         return 1 if errored else 0
-    except (SweepError, DataPrepError) as exc:
+    except (SweepError, DataPrepError, ClusterError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

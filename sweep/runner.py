@@ -10,12 +10,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .connect import check_storage, connect
 from .grid import PRESETS, SEED_TECHNIQUES, GridPreset, SweepError, build_grid
 from .probe import MAX_BATCH_FILE, MaxBatchSettings, format_max_batch
 from .tuning import (
     check_fresh_name,
     cluster_gpus,
-    connect_ray,
     default_name,
     experiment_path,
     format_rows,
@@ -57,6 +57,7 @@ class SweepConfig:
     gpu_memory_gb: float | None = None
     address: str | None = None
     storage_path: str = "results"
+    shared_storage: bool = False  # a local path that every node mounts (NFS): allowed on multi-node clusters
     name: str | None = None
     max_concurrent: int | None = None
     cpus_per_trial: int | None = None
@@ -248,12 +249,10 @@ def prepare(cfg: SweepConfig) -> SweepPlan:
     plan = plan_sweep(cfg, gpus)
     if gpus is not None:
         _require_gpus(plan, gpus)
-    connect_ray(cfg.address)
-    if (cfg.address not in (None, "local")) and not is_uri(plan.storage):
-        print(f"note: on a multi-node cluster --storage-path must be shared by every node (NFS or s3://); "
-              f"using {plan.storage}", file=sys.stderr)
+    info = connect(cfg.address)
+    storage = check_storage(plan.storage, info, shared=cfg.shared_storage)
     gpus = cluster_gpus()
-    plan = plan_sweep(cfg, gpus)
+    plan = replace(plan_sweep(cfg, gpus), storage=storage)
     _require_gpus(plan, gpus)
     if plan.sample is not None and not cfg.resume:
         _prepare_sample(*plan.sample)

@@ -74,16 +74,6 @@ def read_json(path: str) -> Any:
 
 
 # -- ray -----------------------------------------------------------------------------------------
-def connect_ray(address: str | None) -> None:
-    """Join `address` (or RAY_ADDRESS), else start a local instance; reuse one already running."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address=address or None)
-
-
 def cluster_gpus() -> int:
     import ray
 
