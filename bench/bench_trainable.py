@@ -1,16 +1,24 @@
-"""What does the trainable's measurement and reporting cost? A plain PyTorch loop vs `run_trial`, one GPU.
+"""Plain PyTorch loop vs the trainable, side by side in ONE process on one GPU: speed, memory, MFU.
 
-For each technique, in ONE process: (1) a plain loop over the same model, optimizer, schedule and data path
-with no measurement at all, timed by wall clock between two synchronisations; (2) `run_trial` with per-phase
-memory peaks, CUDA-event timing and a report every step, timed by wall clock between the arrival of two
-reports (steps warmup+1 .. N-1; the last step also evaluates and is left out). Prints a markdown table.
+For each technique and vocabulary: (1) a plain loop over the same model, optimizer, schedule and data
+path with no measurement at all (eager; with `+compile` the same torch.compile of forward + loss, whose
+backward AOTAutograd compiles), timed by wall clock between two synchronisations after the warm-up;
+(2) `run_trial` with per-phase memory peaks, CUDA-event timing and a report every step, timed by wall
+clock between the arrival of two reports (steps warmup+1 .. N-1; the last step also evaluates and is
+left out). Prints a markdown table. The seed model at batch 128 x 512 tokens by default, on random
+tokens with vocabularies of 10k and 50257 (GPT-2's).
 
-    python bench/bench_trainable.py --synthetic 8192                       # random tokens, seed model, batch 128
+    python bench/bench_trainable.py                                            # defaults, < 6 min on an H200
+    python bench/bench_trainable.py --vocabs 50257 --techniques flash,flash+compile,fused_ce+compile
+    python bench/bench_trainable.py --techniques baseline,window16,window16+compile,flash+sac --no-plain
     python bench/bench_trainable.py --data data/prepared --techniques baseline,flash --steps 50
-    python bench/bench_trainable.py --synthetic 8192 --report tune         # the real tune.report inside a Tune trial
+    python bench/bench_trainable.py --profile fused_ce+compile --vocabs 50257  # top CUDA kernels -> a file
 
---report mimic (default) hands each report to a consumer thread and blocks until it is logged, like Tune's
-function-trainable session does; --report none measures the trainable's own host work only.
+A technique is a preset (`baseline`, `flash`, `fused_ce`, ..., window ones with their size: `window16`)
+plus `+` modifiers: `+compile`, `+fused_ce`, `+sac` (selective checkpointing), `+gradcp` (full).
+--report mimic (default) hands each report to a consumer thread and blocks until it is logged, like
+Tune's function-trainable session does; --report none measures the trainable's own host work only;
+--report tune runs the whole bench inside one real Tune trial.
 """
 from __future__ import annotations
 
@@ -30,13 +38,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainable import TECHNIQUES, ConfigError, TrialConfig, run_trial  # noqa: E402
+from trainable import TECHNIQUES, ConfigError, TrialConfig, is_oom_error, run_trial  # noqa: E402
 from trainable.attention import select_kernel  # noqa: E402
+from trainable.compile_policy import build_forward_loss, release_compiled  # noqa: E402
+from trainable.flops import mfu, model_flops_per_token, peak_bf16_flops  # noqa: E402
 from trainable.losses import LOSSES  # noqa: E402
 from trainable.precision import PRECISIONS, tf32_matmuls  # noqa: E402
-from trainable.trial import build_model, build_optimizer, lr_multiplier, open_trial_data  # noqa: E402
+from trainable.trial import build_model, build_optimizer, lr_multiplier, model_config, open_trial_data  # noqa: E402
 
-DEFAULT_TECHNIQUES = "baseline,bf16,flash,gradcp,window16"
+DEFAULT_TECHNIQUES = "baseline,flash,flash+compile,fused_ce,fused_ce+compile,flash+sac"
+DEFAULT_VOCABS = "10000,50257"
+MODIFIERS: dict[str, dict] = {
+    "compile": {"compile": True},
+    "fused_ce": {"loss": "fused_ce"}, "fusedce": {"loss": "fused_ce"},
+    "sac": {"checkpointing": "selective"}, "selective": {"checkpointing": "selective"},
+    "gradcp": {"checkpointing": "full"},
+}
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -101,21 +118,37 @@ def make_report(kind: str):
 
 
 # -- the two loops ------------------------------------------------------------------------------------
+def _device(cfg: TrialConfig) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
+
+
+def _endless_batches(split, batch_size: int, seed: int):
+    """Epoch after epoch, like the trainable: a small dataset must not end the benchmark early."""
+    epoch = 0
+    while True:
+        yield from split.iter_batches(batch_size, seed=seed, epoch=epoch)
+        epoch += 1
+
+
 def plain_loop(cfg: TrialConfig, steps: int, warmup: int) -> dict:
-    """The same model/optimizer/schedule/data path with no measurement: wall clock over `steps` steps."""
-    cuda = cfg.device == "cuda"
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    """The same model/optimizer/schedule/data path with no measurement: wall clock over `steps` steps.
+    With `compile`, the same torch.compile of forward + loss the trainable makes (backward compiled too)."""
+    device = _device(cfg)
+    cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     data = open_trial_data(cfg)
     precision = PRECISIONS[cfg.precision]
     kernel = select_kernel(cfg.attention, cfg.precision, device.type, cfg.kernel)
-    loss_fn = LOSSES[cfg.loss]
     model = build_model(cfg, data.vocab_size, kernel).to(device)
+    if kernel.prepare is not None:
+        kernel.prepare(cfg.seq_len, cfg.window, device)
+    step_loss = build_forward_loss(model, cfg.loss, LOSSES[cfg.loss], cfg.compile)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, warmup + steps))
-    batches = data.train.iter_batches(cfg.batch_size, seed=cfg.seed)
+    batches = _endless_batches(data.train, cfg.batch_size, cfg.seed)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
     with tf32_matmuls(precision.tf32_active(device.type)):
         for i in range(warmup + steps):
             if i == warmup:
@@ -125,7 +158,7 @@ def plain_loop(cfg: TrialConfig, steps: int, warmup: int) -> dict:
             if cuda:
                 tokens = tokens.pin_memory().to(device, non_blocking=True)
             with precision.autocast(device.type):
-                loss = loss_fn(model(tokens[:, :-1]), model.output_weight, tokens[:, 1:])
+                loss = step_loss(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -135,8 +168,11 @@ def plain_loop(cfg: TrialConfig, steps: int, warmup: int) -> dict:
         sync()
         seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan
-    result = {"tok_s": steps * cfg.tokens_per_step / seconds, "peak_mib": peak, "loss": loss.item()}
-    del model, optimizer, scheduler, loss
+    result = {"tok_s": steps * cfg.tokens_per_step / seconds, "peak_mib": peak, "loss": loss.item(),
+              "warmup_s": t0 - started}
+    del model, optimizer, scheduler, loss, step_loss
+    if cfg.compile:
+        release_compiled()
     if cuda:
         torch.cuda.empty_cache()
     return result
@@ -160,42 +196,103 @@ def trainable_loop(cfg: TrialConfig, steps: int, warmup: int, report_kind: str) 
     seconds = arrivals[last] - arrivals[first]
     return {"tok_s": (last - first) * cfg.tokens_per_step / seconds, "peak_mib": max(peaks),
             "kernel": final["attention_kernel"], "report_ms": 1000 * final["report_time_s"] / final["step"],
-            "step_time_s": final["step_time_s"]}
+            "compile_s": final["compile_time_s"], "steady_tok_s": final["steady_tokens_per_s"],
+            "peak_flops": final["peak_flops"]}
 
 
 # -- driver -------------------------------------------------------------------------------------------
-def technique_switches(name: str) -> dict:
-    """`flash`, `gradcp`, ... or `window16` / `window_gradcp16` (a window preset with its size appended)."""
-    match = re.fullmatch(r"([a-z0-9_]*?[a-z_])(\d+)", name)
+def technique_switches(spec: str) -> dict:
+    """`flash`, `gradcp`, `window16` (a window preset with its size appended), each with `+modifier`s:
+    `flash+compile+fused_ce` -> the flash preset with compile on and the fused CE loss."""
+    name, *mods = spec.strip().split("+")
     if name in TECHNIQUES:
-        return {"technique": name}
-    if match and match.group(1) in TECHNIQUES and TECHNIQUES[match.group(1)]["attention"] == "window":
-        return {"technique": match.group(1), "window": int(match.group(2))}
-    raise ConfigError(f"unknown technique {name!r}: use {', '.join(TECHNIQUES)} (window ones as window16)")
+        switches: dict = {"technique": name}
+    else:
+        match = re.fullmatch(r"([a-z0-9_]*?[a-z_])(\d+)", name)
+        if not (match and match.group(1) in TECHNIQUES and TECHNIQUES[match.group(1)]["attention"] == "window"):
+            raise ConfigError(f"unknown technique {name!r}: use {', '.join(TECHNIQUES)} (window ones as window16)")
+        switches = {"technique": match.group(1), "window": int(match.group(2))}
+    for mod in mods:
+        if mod not in MODIFIERS:
+            raise ConfigError(f"unknown modifier +{mod} in {spec!r}: use {', '.join('+' + m for m in MODIFIERS)}")
+        switches.update(MODIFIERS[mod])
+    return switches
+
+
+def trial_config(args: argparse.Namespace, spec: str, data_dir: str) -> TrialConfig:
+    return TrialConfig.from_dict({
+        **technique_switches(spec), "data_dir": data_dir, "device": args.device, "batch_size": args.batch_size,
+        "seq_len": args.seq_len, "n_layers": args.n_layers, "d_model": args.d_model, "n_heads": args.n_heads,
+        "ff_dim": args.ff_dim, "max_steps": args.warmup + args.steps + 1, "warmup_steps": 2,
+        "eval_interval": 0, "eval_batches": 1, "eval_batch_size": min(args.batch_size, 16), "seed": 0,
+        "peak_flops": args.peak_flops,
+    })
+
+
+def _num(value: float, spec: str) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def bench_one(args: argparse.Namespace, spec: str, data_dir: str, vocab: int | str) -> str:
+    """One table row: the plain loop, then the trainable, for one technique."""
+    cfg = trial_config(args, spec, data_dir)
+    plain = {"tok_s": math.nan, "peak_mib": math.nan}
+    if args.plain:
+        try:
+            plain = plain_loop(cfg, args.steps, args.warmup)
+        except Exception as exc:  # noqa: BLE001 - an OOM is a table entry (NaN), anything else a bug
+            if not is_oom_error(exc):
+                raise
+            release_compiled()
+            torch.cuda.empty_cache()
+    measured = trainable_loop(cfg, args.steps, args.warmup, args.report)
+    vocab_size = open_trial_data(cfg).vocab_size
+    flops = model_flops_per_token(model_config(cfg, vocab_size), cfg.window)
+    gpu = torch.cuda.get_device_name() if cfg.device == "cuda" else None
+    peak = peak_bf16_flops(gpu, args.peak_flops)
+    ratio = measured["tok_s"] / plain["tok_s"]
+    return (f"| {cfg.label} | {vocab} | {measured['kernel']} | {_num(plain['tok_s'], ',.0f')} | "
+            f"{_num(measured['tok_s'], ',.0f')} | {_num(ratio, '.3f')} | {_num(plain['peak_mib'], ',.0f')} | "
+            f"{_num(measured['peak_mib'], ',.0f')} | {_num(mfu(plain['tok_s'], flops, peak), '.1%')} | "
+            f"{_num(mfu(measured['tok_s'], flops, peak), '.1%')} | "
+            f"{_num(measured.get('compile_s', math.nan), '.1f')} | "
+            f"{_num(measured.get('report_ms', math.nan), '.2f')} |")
 
 
 def bench(args: argparse.Namespace) -> str:
-    rows = ["| technique | kernel | tok/s plain | tok/s trainable | ratio | peak MiB plain | peak MiB trainable "
-            "| report ms/step |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for name in args.techniques.split(","):
-        cfg = TrialConfig.from_dict({
-            **technique_switches(name), "data_dir": args.data, "device": args.device, "batch_size": args.batch_size,
-            "seq_len": args.seq_len, "n_layers": args.n_layers, "d_model": args.d_model, "n_heads": args.n_heads,
-            "ff_dim": args.ff_dim, "max_steps": args.warmup + args.steps + 1, "warmup_steps": 2,
-            "eval_interval": 0, "eval_batches": 1, "eval_batch_size": min(args.batch_size, 16), "seed": 0,
-        })
-        plain = plain_loop(cfg, args.steps, args.warmup)
-        measured = trainable_loop(cfg, args.steps, args.warmup, args.report)
-        ratio = measured["tok_s"] / plain["tok_s"]
-        rows.append(f"| {cfg.label} | {measured['kernel']} | {plain['tok_s']:,.0f} | {measured['tok_s']:,.0f} | "
-                    f"{ratio:.3f} | {plain['peak_mib']:,.0f} | {measured['peak_mib']:,.0f} | "
-                    f"{measured.get('report_ms', math.nan):.2f} |")
-        print(rows[-1], flush=True)
+    rows = ["| technique | vocab | kernel | tok/s plain | tok/s trainable | ratio | peak MiB plain | "
+            "peak MiB trainable | MFU plain | MFU trainable | compile s | report ms/step |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for vocab, data_dir in args.datasets:
+        for spec in args.techniques.split(","):
+            rows.append(bench_one(args, spec, data_dir, vocab))
+            print(rows[-1], flush=True)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "none (CPU smoke run)"
     header = (f"GPU {gpu}, torch {torch.__version__}, batch {args.batch_size} x seq {args.seq_len}, model "
               f"{args.n_layers}L/{args.d_model}d/{args.n_heads}h/{args.ff_dim}ff, {args.steps} timed steps after "
-              f"{args.warmup} warm-up, report={args.report}")
+              f"{args.warmup} warm-up, report={args.report}. MFU: model FLOPs (trainable/flops.py, causal half "
+              f"of attention) over the GPU's peak dense bf16 rate; compile s: the trainable's compiling steps.")
     return header + "\n\n" + "\n".join(rows) + "\n"
+
+
+def profile(args: argparse.Namespace) -> str:
+    """Run the trainable for `--profile SPEC` under torch.profiler (a few steps after the warm-up) and
+    write the top kernels by self device time to a text file; returns its path."""
+    from torch.profiler import ProfilerActivity, schedule
+
+    vocab, data_dir = args.datasets[0]
+    cfg = trial_config(args, args.profile, data_dir)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    active = max(1, min(3, args.steps - 1))
+    steps = schedule(wait=max(0, args.warmup - 1), warmup=1, active=active, repeat=1)
+    with torch.profiler.profile(activities=activities, schedule=steps) as prof:
+        final = run_trial(cfg, lambda metrics: prof.step())
+    sort_by = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=args.profile_rows)
+    out = Path(args.profile_out or f"profile_{cfg.label}_v{vocab}_bs{cfg.batch_size}.txt")
+    out.write_text(f"{cfg.label}, vocab {vocab}, batch {cfg.batch_size} x seq {cfg.seq_len}, {active} profiled steps "
+                   f"after {args.warmup} warm-up, kernel {final['attention_kernel']}, sorted by {sort_by}\n\n{table}\n")
+    return str(out)
 
 
 def _bench_in_tune(config: dict) -> None:
@@ -206,22 +303,45 @@ def _bench_in_tune(config: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="a prepared dataset directory")
-    src.add_argument("--synthetic", type=int, metavar="VOCAB", help="random tokens with this vocabulary size")
-    p.add_argument("--techniques", default=DEFAULT_TECHNIQUES)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="a prepared dataset directory (instead of synthetic tokens)")
+    src.add_argument("--vocabs", "--synthetic", dest="vocabs", default=DEFAULT_VOCABS, metavar="V[,V...]",
+                     help=f"random tokens with these vocabulary sizes (default {DEFAULT_VOCABS})")
+    p.add_argument("--techniques", default=DEFAULT_TECHNIQUES, help=f"comma list (default {DEFAULT_TECHNIQUES})")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--n-layers", type=int, default=6)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--n-heads", type=int, default=8)
     p.add_argument("--ff-dim", type=int, default=2048)
+    p.add_argument("--peak-flops", type=float, help="the GPU's peak dense bf16 FLOP/s (default: looked up by name)")
+    p.add_argument("--no-plain", dest="plain", action="store_false", help="skip the plain loop (trainable only)")
     p.add_argument("--report", choices=("mimic", "tune", "none"), default="mimic")
+    p.add_argument("--profile", metavar="TECHNIQUE", help="profile this one technique (first vocab) instead")
+    p.add_argument("--profile-out", metavar="FILE", help="where the profile table goes")
+    p.add_argument("--profile-rows", type=int, default=30)
     p.add_argument("--out", help="also write the table to this markdown file")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke run of the script only")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 2:
+        p.error("--warmup must be >= 1 and --steps >= 2")
+    return args
+
+
+def _prepare_datasets(args: argparse.Namespace, tmp: Path) -> None:
+    """args.datasets: [(vocab label, data dir)], synthetic ones written under `tmp`."""
+    if args.data:
+        args.datasets = [("data", str(Path(args.data).resolve()))]
+        return
+    try:
+        vocabs = [int(v) for v in args.vocabs.split(",")]
+    except ValueError:
+        raise ConfigError(f"--vocabs must be comma-separated integers, got {args.vocabs!r}") from None
+    rows = (args.warmup + args.steps + 2) * args.batch_size
+    args.datasets = [(v, str(write_synthetic_dataset(tmp / f"data_v{v}", vocab_size=v, seq_len=args.seq_len,
+                                                     rows={"train": rows, "val": 64, "test": 1}))) for v in vocabs]
 
 
 def main(argv=None) -> int:
@@ -229,18 +349,15 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_trainable: error: needs a CUDA GPU", file=sys.stderr)
         return 2
-    if args.data:
-        args.data = str(Path(args.data).resolve())
     with tempfile.TemporaryDirectory(prefix="bench_trainable_") as tmp:
-        if args.synthetic:
-            rows = (args.warmup + args.steps + 2) * args.batch_size
-            args.data = str(write_synthetic_dataset(Path(tmp) / "data", vocab_size=args.synthetic,
-                                                    seq_len=args.seq_len, rows={"train": rows, "val": 64, "test": 1}))
         try:
-            if args.report == "tune":
-                table = _run_under_tune(args, Path(tmp))
-            else:
-                table = bench(args)
+            _prepare_datasets(args, Path(tmp))
+            for spec in ([args.profile] if args.profile else args.techniques.split(",")):
+                trial_config(args, spec, args.datasets[0][1])  # validate every technique before any GPU work
+            if args.profile:
+                print(f"profile written to {profile(args)}")
+                return 0
+            table = _run_under_tune(args, Path(tmp)) if args.report == "tune" else bench(args)
         except ConfigError as exc:
             print(f"bench_trainable: error: {exc}", file=sys.stderr)
             return 2

@@ -71,13 +71,20 @@ def classify_probe(result: dict[str, Any] | None, error: BaseException | str | N
     return Outcome.error("the probe ended without a final report")
 
 
+def _probes_and_rounds(probes: Any, rounds: Any) -> str | None:
+    return None if probes is None else f"{probes}/{rounds if rounds is not None else '-'}"
+
+
 def format_max_batch(records: list[dict[str, Any]]) -> str:
+    """The search's table: the answer, the prediction it was seeded with, and probes/rounds used vs unseeded."""
     rows = [{
         "technique": r["technique"],
         "max_batch": ("-" if r["max_batch_size"] is None
                       else f"{r['max_batch_size']}{'+' if r.get('hit_upper_bound') else ''}"),
+        "predicted": r.get("predicted_max_batch"),
         "peak_mem_mib": r["peak_mem_mib"],
-        "probes": r["probes"],
+        "probes/rounds": _probes_and_rounds(r["probes"], r.get("rounds")),
+        "unseeded": _probes_and_rounds(r.get("unseeded_probes"), r.get("unseeded_rounds")),
         "wall_time_s": r["wall_time_s"],
         "status": r["status"],
         "error": r["error"] or "",
@@ -85,4 +92,22 @@ def format_max_batch(records: list[dict[str, Any]]) -> str:
     table = format_rows(rows)
     if any(r.get("hit_upper_bound") for r in records):
         table += "\n(+ = reached the --max bound; the real limit may be higher)"
+    saving = search_saving(records)
+    if saving:
+        table += "\n" + saving
     return table
+
+
+def search_saving(records: list[dict[str, Any]]) -> str | None:
+    """One line: probes and rounds of the seeded searches vs the unseeded search replayed on the same answers."""
+    done = [r for r in records if r.get("seeded") and r.get("unseeded_probes") is not None]
+    if not done:
+        return None
+    probes, rounds = sum(r["probes"] for r in done), sum(r["rounds"] for r in done)
+    unseeded_probes, unseeded_rounds = sum(r["unseeded_probes"] for r in done), sum(r["unseeded_rounds"] for r in done)
+    wall = sum(r["wall_time_s"] or 0.0 for r in done)
+    per_round = wall / rounds if rounds else 0.0
+    return (f"seeded by the memory model: {probes} probes in {rounds} rounds; the unseeded search would have "
+            f"needed {unseeded_probes} probes in {unseeded_rounds} rounds (replayed on the same answers)"
+            + (f", ~{per_round * (unseeded_rounds - rounds):.0f} s more at {per_round:.1f} s per round"
+               if rounds and unseeded_rounds > rounds else ""))

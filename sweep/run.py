@@ -3,7 +3,8 @@
     python -m sweep.run                          # default grid for this machine, shipped sample data
     python -m sweep.run --preset seed            # the seed's 18 experiments (needs GPUs)
     python -m sweep.run --techniques bf16 window --windows 16 32 --batch-sizes 16 32 --max-steps 200
-    python -m sweep.run --find-max-batch --granularity 8 --gpu-memory-gb 24
+    python -m sweep.run --find-max-batch --granularity 8 --gpu-memory-gb 24   # starts at the predicted max batch
+    python -m sweep.run --predict --gpu-memory-gb 24 --vocab-size 50257   # predicted peak + max batch, no GPU
     python -m sweep.run --resume --name seed-20250101-120000
 """
 from __future__ import annotations
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", metavar="DIR", help="a prepared dataset (default: the shipped sample, prepared once)")
     d.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     d.add_argument("--gpu-memory-gb", type=float, help="cap each trial's CUDA allocator (emulate a smaller GPU)")
+    d.add_argument("--gpu", metavar="NAME", help="the GPU the memory model predicts for (default h200; the search asks nvidia-smi first)")
+    d.add_argument("--gpu-total-gb", type=float, metavar="GB", help="the predicted-for GPU's total memory (GiB)")
+    pr = p.add_argument_group("prediction (no Ray, no GPU)")
+    pr.add_argument("--predict", action="store_true",
+                    help="print every config's predicted peak memory and max batch size, run nothing")
+    pr.add_argument("--json", action="store_true", help="with --predict: one JSON object per config")
+    pr.add_argument("--vocab-size", type=int, metavar="V",
+                    help="with --predict and no --data: the vocabulary (default 10000; gpt2 is 50257)")
     r = p.add_argument_group("ray")
     r.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local instance)")
     r.add_argument("--storage-path", default="results", help="local dir, NFS or s3://... (default ./results)")
@@ -74,16 +83,33 @@ def build_parser() -> argparse.ArgumentParser:
     b = p.add_argument_group("max-batch search")
     b.add_argument("--find-max-batch", action="store_true", help="search the largest batch size per technique")
     b.add_argument("--granularity", type=int, default=1)
-    b.add_argument("--start", type=int, help="first batch size tried (default 32 on GPU, 1 on CPU)")
+    b.add_argument("--start", type=int,
+                   help="first batch size of an unseeded search (default 32 on GPU, 1 on CPU)")
     b.add_argument("--max", dest="max_batch", type=int, help="upper bound (default: the dataset's training rows)")
     b.add_argument("--probe-steps", type=int, default=3)
+    b.add_argument("--no-seed", action="store_true",
+                   help="grow from --start instead of starting at the memory model's predicted max batch")
     return p
+
+
+def _check_modes(args: argparse.Namespace) -> None:
+    """Flags that belong to one mode only."""
+    if args.json and not args.predict:
+        raise _UsageError("--json goes with --predict")
+    if args.vocab_size is not None and not args.predict:
+        raise _UsageError("--vocab-size goes with --predict (a sweep takes the vocabulary from its dataset)")
+    if args.predict:
+        for flag, on in (("--find-max-batch", args.find_max_batch), ("--resume", args.resume),
+                         ("--dry-run", args.dry_run), ("--no-seed", args.no_seed)):
+            if on:
+                raise _UsageError(f"--predict runs nothing: drop {flag}")
 
 
 def config_from_args(argv: Sequence[str] | None = None):
     from .runner import SweepConfig
 
     args = build_parser().parse_args(argv)
+    _check_modes(args)
     overrides = {k: getattr(args, k) for k in {**MODEL_FLAGS, **BUDGET_FLAGS} if getattr(args, k) is not None}
     cfg = SweepConfig(
         preset=args.preset,
@@ -109,8 +135,27 @@ def config_from_args(argv: Sequence[str] | None = None):
         start=args.start,
         max_batch=args.max_batch,
         probe_steps=args.probe_steps,
+        seed_search=not args.no_seed,
+        gpu=args.gpu,
+        gpu_total_gb=args.gpu_total_gb,
+        vocab_size=args.vocab_size,
     )
     return cfg, args
+
+
+def print_prediction(cfg, as_json: bool) -> int:
+    """`--predict`: everything is computed before the first line is printed (no half output)."""
+    import json
+
+    from .predict import format_prediction, predict_grid
+
+    prediction = predict_grid(cfg)
+    if as_json:
+        print("\n".join(json.dumps({**row, "budget_source": prediction.budget.source,
+                                    "vocab_source": prediction.vocab_source}) for row in prediction.rows))
+    else:
+        print(format_prediction(prediction))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if args.predict:
+            return print_prediction(cfg, args.json)
         if args.dry_run:
             plan = plan_sweep(cfg, _precheck_local_gpus(cfg))
             for point in plan.grid:

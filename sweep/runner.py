@@ -69,6 +69,11 @@ class SweepConfig:
     start: int | None = None
     max_batch: int | None = None
     probe_steps: int = 3
+    seed_search: bool = True  # start each search next to the memory model's predicted max batch
+    # the GPU the memory model predicts for (--predict, and the search's hint when nvidia-smi cannot tell)
+    gpu: str | None = None  # a name from sweep.predict.GPU_TOTAL_MIB
+    gpu_total_gb: float | None = None
+    vocab_size: int | None = None  # --predict without --data
 
     @property
     def grid_given(self) -> bool:
@@ -109,6 +114,17 @@ def _preset_for(cfg: SweepConfig, gpus: int | None) -> tuple[str, GridPreset]:
     if cfg.device == "cpu" or (cfg.device == "auto" and gpus == 0):
         return "cpu", PRESETS["cpu"]
     return "seed", PRESETS["seed"]
+
+
+def grid_axes(cfg: SweepConfig, gpus: int | None) -> tuple[str, GridPreset, tuple, tuple, tuple]:
+    """(preset name, preset, techniques, batch sizes, windows) the config asks for; explicit flags refine a preset."""
+    preset_name, preset = _preset_for(cfg, gpus)
+    techniques, batch_sizes, windows = preset.techniques, preset.batch_sizes, preset.windows
+    if preset_name != "custom":
+        techniques = cfg.techniques or techniques
+        batch_sizes = cfg.batch_sizes or batch_sizes
+        windows = cfg.windows or (windows if any(t in ("window", "window_gradcp") for t in techniques) else ())
+    return preset_name, preset, techniques, batch_sizes, windows
 
 
 def _default_data(seq_len: int, kind: str) -> tuple[str, int]:
@@ -153,8 +169,12 @@ def plan_sweep(cfg: SweepConfig, gpus: int | None = None) -> SweepPlan:
             raise SweepError(f"{flag} must be >= {low}, got {value}")
     if cfg.resume and cfg.find_max_batch:
         raise SweepError("--resume continues a sweep; a max-batch search starts afresh")
+    if cfg.gpu is not None or cfg.gpu_total_gb is not None:
+        from .predict import gpu_total_mib
 
-    preset_name, preset = _preset_for(cfg, gpus)
+        gpu_total_mib(cfg.gpu, cfg.gpu_total_gb)  # validates both
+
+    preset_name, preset, techniques, batch_sizes, windows = grid_axes(cfg, gpus)
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and preset.needs_gpu)
     if cfg.device == "cpu" and preset_name == "seed":
         use_gpu = False
@@ -188,13 +208,6 @@ def plan_sweep(cfg: SweepConfig, gpus: int | None = None) -> SweepPlan:
             sample = (data_dir, vocab, seq_len)
     overrides["data_dir"] = data_dir
 
-    techniques = preset.techniques
-    batch_sizes = preset.batch_sizes
-    windows = preset.windows
-    if preset_name != "custom":  # explicit flags refine a preset
-        techniques = cfg.techniques or techniques
-        batch_sizes = cfg.batch_sizes or batch_sizes
-        windows = cfg.windows or (windows if any(t in ("window", "window_gradcp") for t in techniques) else ())
     if cfg.find_max_batch:
         batch_sizes = (cfg.start or 1,)
     grid = build_grid(techniques, batch_sizes, windows, overrides=overrides, only=cfg.only, skip=cfg.skip)
@@ -329,13 +342,44 @@ def find_max_batch_size(cfg: SweepConfig, plan: SweepPlan | None = None) -> tupl
     if settings.granularity > upper:
         raise SweepError(f"--granularity {cfg.granularity} is larger than the largest batch size to try ({upper})")
     resources = trial_resources(plan.use_gpu, cfg.cpus_per_trial)
+    hints = search_hints(cfg, plan) if plan.use_gpu and cfg.seed_search else {}
     print(f"max-batch search over {len(plan.grid)} techniques, {parallelism} probe(s) per round, "
-          f"batch {start}..{upper}, granularity {cfg.granularity} -> {plan.path}/{MAX_BATCH_FILE}", file=sys.stderr)
+          f"batch {'near the predicted max' if hints else start}..{upper}, granularity {cfg.granularity} "
+          f"-> {plan.path}/{MAX_BATCH_FILE}", file=sys.stderr)
     from .max_batch import run_max_batch_search
 
     records = run_max_batch_search(plan.grid, settings, storage=plan.storage, name=plan.name,
-                                   resources=resources, verbose=cfg.verbose)
+                                   resources=resources, verbose=cfg.verbose, hints=hints)
     return records, plan.path
+
+
+def search_hints(cfg: SweepConfig, plan: SweepPlan) -> dict[str, dict[str, Any]]:
+    """Per technique label: the memory model's predicted max batch under the trial's budget (the search's hint).
+
+    The GPU's size comes from --gpu-total-gb / --gpu, else nvidia-smi on this node, else the default H200.
+    A technique the model does not cover gets no hint (its search grows from --start as before).
+    """
+    from data_prep import open_dataset
+
+    from .predict import local_gpu_total_mib, memory_budget, predict_point
+
+    try:
+        local = None if (cfg.gpu or cfg.gpu_total_gb) else local_gpu_total_mib()
+        budget = memory_budget(cfg.gpu_memory_gb, gpu=cfg.gpu, gpu_total_gb=cfg.gpu_total_gb, total_mib=local,
+                               total_source=f"this node's GPU ({local:.0f} MiB, nvidia-smi)" if local else None)
+    except SweepError as exc:
+        print(f"note: no predicted max batch ({exc}); searching unseeded", file=sys.stderr)
+        return {}
+    vocab = open_dataset(plan.data_dir, verify="none").vocab_size
+    hints: dict[str, dict[str, Any]] = {}
+    for point in plan.grid:
+        row = predict_point({**point, "vocab_size": vocab, "batch_size": 1}, budget, granularity=1)
+        if row["error"] is None:
+            hints[row["technique"]] = {"max_batch": row["predicted_max_batch"], "budget_mib": row["budget_mib"],
+                                       "vocab_size": vocab}
+    print(f"seeding each search with its predicted max batch (budget {budget.source}); --no-seed to search "
+          "without", file=sys.stderr)
+    return hints
 
 
 def results_table(results, path: str) -> str:

@@ -8,10 +8,17 @@ With `parallelism=k` every round probes up to k sizes at once: the growth phase 
 k doublings, the narrowing phase splits the bracket into k+1 parts (binary search when k=1).
 Batch sizes live on the lattice of multiples of `granularity`, so the answer is the largest
 multiple of `granularity` (up to `max_batch_size`) that fits.
+
+A `hint` (a predicted answer, e.g. from the analytic memory model) replaces the growth from
+`start`: the first round probes around the hint (k sizes spread over hint +-`hint_margin`, the hint
+itself when k=1); if the answer lies outside, the bracket widens geometrically away from the hint
+(the margin doubles every round, up to doubling/halving the size), then the same k-ary narrowing
+runs. The answer never depends on the hint, only the number of probes does.
 """
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
@@ -81,7 +88,7 @@ def _evenly_between(lo: int, hi: int, k: int) -> list[int]:
 
 
 class MaxBatchSearch:
-    """Exponential growth from `start`, then k-ary narrowing until the bracket is one lattice step.
+    """Exponential growth from `start` (or a bracket around `hint`), then k-ary narrowing to one lattice step.
 
     `steps()` is a generator: it yields the batch sizes of the next round and is sent their outcomes,
     so a blocking probe (`run`) and an event-driven driver (a Tune searcher) share one algorithm.
@@ -94,6 +101,8 @@ class MaxBatchSearch:
         max_batch_size: int = 65536,
         granularity: int = 1,
         parallelism: int = 1,
+        hint: int | None = None,
+        hint_margin: float = 0.03,
     ):
         if granularity < 1:
             raise ValueError("granularity must be >= 1")
@@ -108,6 +117,13 @@ class MaxBatchSearch:
         if self.max_unit < 1:
             raise ValueError(f"max batch size {max_batch_size} is below the granularity {granularity}")
         self.start_unit = min(max(1, -(-start // granularity)), self.max_unit)
+        if hint is not None and hint < 0:
+            raise ValueError("hint must be >= 0")
+        if not 0 < hint_margin < 1:
+            raise ValueError("hint margin must be between 0 and 1")
+        # A hint of 0 (nothing predicted to fit) still starts at the smallest size.
+        self.hint_unit = None if hint is None else min(max(1, hint // granularity), self.max_unit)
+        self.hint_margin = hint_margin
         self.history: dict[int, Outcome] = {}  # keyed by batch size
         self.rounds = 0
 
@@ -124,7 +140,7 @@ class MaxBatchSearch:
     def steps(self) -> Generator[list[int], dict[int, Outcome], SearchResult]:
         t0 = time.perf_counter()
         try:
-            lo, hi = yield from self._grow()
+            lo, hi = yield from (self._grow() if self.hint_unit is None else self._around_hint())
             while hi is not None and hi - lo > 1:
                 known = yield from self._ask(_evenly_between(lo, hi, self.parallelism))
                 lo, hi = self._bracket(known)
@@ -183,6 +199,36 @@ class MaxBatchSearch:
                 return lo, hi
             unit = min(lo * 2, self.max_unit)
 
+    def _around_hint(self) -> Generator[list[int], dict[int, Outcome], tuple[int, int | None]]:
+        """Probe hint +-margin, then widen away from the hint until a size fits below one that fails."""
+        k, h, margin = self.parallelism, self.hint_unit, self.hint_margin
+        low = max(1, math.floor(h * (1 - margin)))
+        high = min(self.max_unit, max(h + 1, math.ceil(h * (1 + margin))))
+        first = [h] if k == 1 else _spread(low, high, k)
+        known = yield from self._ask(first)
+        lo, hi = self._bracket(known)
+        # k=1 probed only the hint: its first widening step goes to the bracket's edge (margin itself).
+        width = margin / 2 if k == 1 else margin
+        while True:
+            if (hi is not None and (lo > 0 or hi == 1)) or (hi is None and lo >= self.max_unit):
+                return lo, hi
+            width *= 2
+            if hi is None:  # everything probed fits: grow above the largest fit (at most doubling)
+                top = min(self.max_unit, max(lo + 1, math.ceil(lo * (1 + min(width, 1.0)))))
+                units = _spread(lo, top, k + 1)[1:]  # k sizes in (lo, top]
+            else:  # everything probed below the smallest failure fails: shrink (at most halving)
+                bottom = max(1, min(hi - 1, math.floor(hi * (1 - min(width, 0.5)))))
+                units = _spread(bottom, hi, k + 1)[:-1]  # k sizes in [bottom, hi)
+            known = yield from self._ask(units)
+            lo, hi = self._bracket(known)
+
+
+def _spread(low: int, high: int, k: int) -> list[int]:
+    """Up to k distinct integers spread evenly over [low, high], both ends included (k >= 2)."""
+    if high <= low:
+        return [low]
+    return sorted({low + round((high - low) * i / (k - 1)) for i in range(k)})
+
 
 def search_max_batch(
     probe: Probe,
@@ -191,11 +237,36 @@ def search_max_batch(
     max_batch_size: int = 65536,
     granularity: int = 1,
     parallelism: int = 1,
+    hint: int | None = None,
+    hint_margin: float = 0.03,
 ) -> SearchResult:
-    """Largest multiple of `granularity` <= `max_batch_size` for which `probe` says FITS."""
+    """Largest multiple of `granularity` <= `max_batch_size` for which `probe` says FITS.
+
+    `hint`: a predicted answer; it only changes where the search looks first (see the module docstring).
+    """
     return MaxBatchSearch(
         start=start,
         max_batch_size=max_batch_size,
         granularity=granularity,
         parallelism=parallelism,
+        hint=hint,
+        hint_margin=hint_margin,
     ).run(probe)
+
+
+def monotone_probe(max_fitting: int) -> Probe:
+    """A probe for an ideal GPU: every size up to `max_fitting` fits, every larger one runs out of memory."""
+
+    def probe(sizes: list[int]) -> dict[int, Outcome]:
+        return {bs: Outcome.fits() if bs <= max_fitting else Outcome.oom() for bs in sizes}
+
+    return probe
+
+
+def replay_search(max_fitting: int, **settings) -> SearchResult:
+    """What a search with `settings` (as `search_max_batch` takes them) would cost if the answer is `max_fitting`.
+
+    Replays the search against the outcomes a found answer implies (fits at or below, OOM above), so
+    the cost of another strategy (e.g. the unseeded search) is known without running a probe.
+    """
+    return search_max_batch(monotone_probe(max_fitting), **settings)

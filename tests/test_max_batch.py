@@ -67,3 +67,68 @@ def test_cpu_search_end_to_end(ray_local, sample_dataset, tmp_path):
     pids = {s["pid"] for s in (json.loads(line) for d in Path(path).glob("probe_*")
                                 for line in (d / "result.json").read_text().splitlines())}
     assert len(pids) == 3  # every probe ran in a fresh process (reuse_actors=False)
+
+
+def _drive(searcher, limit: int) -> None:
+    """Play Tune's part: hand out every trial the searcher suggests, answer like a GPU that fits up to `limit`."""
+    from ray.tune.search import Searcher
+
+    n = 0
+    while True:
+        round_ = []
+        while (config := searcher.suggest(f"t{n}")) not in (None, Searcher.FINISHED):
+            round_.append((f"t{n}", config["batch_size"]))
+            n += 1
+        if config == Searcher.FINISHED:
+            return
+        assert round_, "the searcher waits for nothing"
+        for trial_id, bs in round_:
+            result = ({"final": True, "status": "ok", "step": 3, "mem_step_peak_mib": 10.0 * bs} if bs <= limit
+                      else {"final": True, "status": "oom", "oom": True, "oom_phase": "backward"})
+            searcher.on_trial_complete(trial_id, result)
+
+
+def test_seeded_records_report_the_prediction_and_the_unseeded_cost():
+    """The searcher (no Tune run): a hinted technique starts at its hint; the record says what that saved."""
+    from sweep import build_grid
+    from sweep.max_batch import MaxBatchSearcher, max_batch_targets
+    from sweep.probe import MaxBatchSettings, format_max_batch
+
+    grid = build_grid(["baseline", "bf16"], [32], overrides={"data_dir": "/d", "device": "cuda"})
+    settings = MaxBatchSettings(start=32, max_batch_size=4096, parallelism=2)
+    written = []
+    searcher = MaxBatchSearcher(max_batch_targets(grid), settings, on_record=written.append,
+                                hints={"baseline": {"max_batch": 690, "budget_mib": 143221.0}})
+    _drive(searcher, limit=703)
+    seeded, plain = searcher.records
+    assert written == searcher.records
+    assert seeded["technique"] == "baseline" and plain["technique"] == "bf16"
+    assert seeded["max_batch_size"] == plain["max_batch_size"] == 703
+    assert seeded["seeded"] and seeded["predicted_max_batch"] == 690 and seeded["predicted_budget_mib"] == 143221.0
+    assert seeded["probes"] < seeded["unseeded_probes"] and seeded["rounds"] < seeded["unseeded_rounds"]
+    assert min(map(int, seeded["outcomes"])) >= 600  # never went near --start
+    assert not plain["seeded"] and plain["predicted_max_batch"] is None
+    assert (plain["probes"], plain["rounds"]) == (plain["unseeded_probes"], plain["unseeded_rounds"])
+    assert (seeded["unseeded_probes"], seeded["unseeded_rounds"]) == (plain["probes"], plain["rounds"])
+    table = format_max_batch(searcher.records)
+    assert "predicted" in table and "unseeded" in table
+    assert f"{seeded['probes']}/{seeded['rounds']}" in table
+    assert f"would have needed {seeded['unseeded_probes']} probes" in table
+
+
+def test_search_hints_match_the_searchers_technique_labels(sample_dataset, tmp_path):
+    from sweep import plan_sweep
+    from sweep.max_batch import MaxBatchSearcher, max_batch_targets
+    from sweep.probe import MaxBatchSettings
+    from sweep.runner import search_hints
+
+    cfg = SweepConfig(techniques=("bf16", "flash", "window", "sac"), windows=(16,), device="cuda",
+                      find_max_batch=True, data_dir=str(sample_dataset), gpu_memory_gb=2, gpu="h200",
+                      storage_path=str(tmp_path), overrides={"seq_len": 64})
+    plan = plan_sweep(cfg, gpus=1)
+    hints = search_hints(cfg, plan)
+    assert set(hints) == {"bf16", "bf16_flash", "bf16_window16"}  # sac: not in the memory model, unseeded
+    assert all(h["max_batch"] > 0 and h["budget_mib"] == 2048 and h["vocab_size"] == 512 for h in hints.values())
+    searcher = MaxBatchSearcher(max_batch_targets(plan.grid), MaxBatchSettings(start=1, max_batch_size=4096),
+                                on_record=lambda r: None, hints=hints)
+    assert {t.label for t in searcher.targets if t.hint} == set(hints)

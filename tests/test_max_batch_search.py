@@ -121,3 +121,83 @@ def test_bad_search_settings_are_rejected():
         search_max_batch(FakeGPU(1), granularity=0)
     with pytest.raises(ValueError):
         search_max_batch(FakeGPU(1), start=8, max_batch_size=4, granularity=8)
+
+
+# -- seeded by a predicted answer (the memory model's hint) ----------------------------------------
+
+
+def _hints(limit: int) -> list[int]:
+    """Exact, inside the +-3% bracket, just outside it, far off both ways, nothing fits, beyond the bound."""
+    return sorted({limit, round(limit * 1.02), round(limit * 0.98), round(limit * 1.1), round(limit * 0.9),
+                   limit * 3, limit // 3, 0, 10_000})
+
+
+@pytest.mark.parametrize("limit", [1, 2, 7, 100, 129, 703, 1000, 4096])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("granularity", [1, 8])
+def test_seeded_search_finds_the_unseeded_answer_wherever_the_hint_is(limit, k, granularity):
+    unseeded = search_max_batch(FakeGPU(limit), start=32, max_batch_size=4096, granularity=granularity,
+                                parallelism=k)
+    for hint in _hints(limit):
+        gpu = FakeGPU(limit)
+        res = search_max_batch(gpu, start=32, max_batch_size=4096, granularity=granularity, parallelism=k, hint=hint)
+        assert res.status == "ok"
+        assert res.max_batch_size == unseeded.max_batch_size, hint
+        assert res.hit_upper_bound == unseeded.hit_upper_bound
+        assert res.probes == len(set(gpu.probed)) == len(gpu.probed)  # nothing probed twice
+        assert all(len(r) <= k for r in gpu.rounds) and res.rounds == len(gpu.rounds)
+        assert all(bs % granularity == 0 and 0 < bs <= 4096 for bs in gpu.probed)
+        if not res.hit_upper_bound:  # proven: the next lattice size up was seen to fail
+            assert res.history[res.max_batch_size + granularity].kind is OutcomeKind.OOM
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_first_round_probes_the_bracket_around_the_hint(k):
+    gpu = FakeGPU(703)
+    search_max_batch(gpu, start=32, max_batch_size=100_000, parallelism=k, hint=700)
+    assert gpu.rounds[0] == ([700] if k == 1 else sorted({679, 721, *gpu.rounds[0]}))
+    assert all(679 <= bs <= 721 for bs in gpu.rounds[0]) and len(gpu.rounds[0]) == k
+
+
+@pytest.mark.parametrize("limit", [64, 300, 703, 1500, 9000])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("error", [-0.02, 0.0, 0.02])
+def test_a_good_hint_needs_fewer_probes_and_rounds(limit, k, error):
+    """The memory model is within ~2% on an H200: such a hint must beat growing from --start."""
+    unseeded = search_max_batch(FakeGPU(limit), start=32, max_batch_size=100_000, parallelism=k)
+    seeded = search_max_batch(FakeGPU(limit), start=32, max_batch_size=100_000, parallelism=k,
+                              hint=round(limit * (1 + error)))
+    assert seeded.max_batch_size == unseeded.max_batch_size == limit
+    assert seeded.probes < unseeded.probes
+    assert seeded.rounds < unseeded.rounds
+
+
+def test_a_hint_far_off_costs_a_few_rounds_not_a_wrong_answer():
+    for hint in (100, 5000):
+        res = search_max_batch(FakeGPU(703), start=32, max_batch_size=100_000, hint=hint)
+        assert res.max_batch_size == 703 and res.rounds <= 20
+
+
+def test_seeded_search_stops_on_an_error():
+    gpu = FakeGPU(1000, error_at=990)
+    res = search_max_batch(gpu, start=32, max_batch_size=4096, hint=1000)
+    assert res.status == "error" and "batch size 1000" in res.error
+    assert gpu.probed == [1000]
+
+
+def test_replay_costs_what_the_real_search_cost():
+    """The unseeded cost reported next to a seeded search is the unseeded search's real cost on that answer."""
+    from sweep.search import replay_search
+
+    for limit, k, g in [(703, 1, 1), (703, 4, 1), (100, 2, 8), (0, 1, 1), (5000, 3, 1)]:
+        real = search_max_batch(FakeGPU(limit), start=32, max_batch_size=4096, parallelism=k, granularity=g)
+        replayed = replay_search(real.max_batch_size, start=32, max_batch_size=4096, parallelism=k, granularity=g)
+        assert (replayed.max_batch_size, replayed.probes, replayed.rounds) == (real.max_batch_size, real.probes,
+                                                                               real.rounds)
+
+
+def test_bad_hints_are_rejected():
+    with pytest.raises(ValueError):
+        search_max_batch(FakeGPU(1), hint=-1)
+    with pytest.raises(ValueError):
+        search_max_batch(FakeGPU(1), hint=8, hint_margin=0)

@@ -36,6 +36,10 @@ def test_seed_flags_map_onto_switches():
     c = cfg("--technique", "window", "--window-size", "8", "--max-steps", "5", "--lr", "1e-3", "--seed", "7",
             "--gpu-memory-gb", "4", "--epochs", "2")
     assert (c.window, c.max_steps, c.lr, c.seed, c.gpu_memory_gb, c.epochs) == (8, 5, 1e-3, 7, 4.0, 2)
+    assert cfg("--checkpointing", "selective").label == "sac"
+    assert cfg("--technique", "flash", "--loss", "fused_ce", "--compile").label == "bf16_flash_fusedce_compile"
+    assert cfg("--technique", "fused_ce_compile").label == "bf16_flash_fusedce_compile"
+    assert cfg("--peak-flops", "312e12").peak_flops == 312e12 and cfg().compile is False
 
 
 def test_metrics_out_writes_one_json_object_per_step(sample_dataset, tmp_path, capsys):

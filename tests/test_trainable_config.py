@@ -19,6 +19,7 @@ def test_defaults_are_the_seed_model_and_baseline():
     c = cfg()
     assert (c.n_layers, c.d_model, c.n_heads, c.ff_dim, c.seq_len) == (6, 512, 8, 2048, 512)
     assert (c.precision, c.attention, c.checkpointing, c.loss) == ("tf32", "standard", "none", "standard")
+    assert c.compile is False and c.peak_flops is None
     assert c.lr == 3e-4 and c.window is None and c.vocab_size is None and c.label == "baseline"
 
 
@@ -30,6 +31,7 @@ def test_round_trip_for_every_preset(technique):
     assert all(v is None or isinstance(v, (bool, int, float, str)) for v in d.values())  # flat, JSON-able
     for switch, value in TECHNIQUES[technique].items():
         assert d[switch] == value
+    assert isinstance(d["compile"], bool) and d["loss"] in LOSSES and d["checkpointing"] in CHECKPOINTING
 
 
 @pytest.mark.parametrize(
@@ -45,6 +47,17 @@ def test_round_trip_for_every_preset(technique):
         ({"technique": "flash_gradcp"}, "bf16_flash_gradcp"),
         ({"precision": "bf16", "checkpointing": "full"}, "bf16_gradcp"),
         ({"attention": "window", "window": 8}, "window8"),
+        ({"checkpointing": "selective"}, "sac"),
+        ({"technique": "sac"}, "sac"),
+        ({"technique": "flash_sac"}, "bf16_flash_sac"),
+        ({"technique": "fused_ce"}, "bf16_flash_fusedce"),
+        ({"loss": "fused_ce"}, "fusedce"),
+        ({"technique": "flash", "compile": True}, "bf16_flash_compile"),
+        ({"technique": "flash_compile"}, "bf16_flash_compile"),
+        ({"technique": "window_compile", "window": 16}, "bf16_window16_compile"),
+        ({"technique": "fused_ce_compile"}, "bf16_flash_fusedce_compile"),
+        ({"technique": "fused_ce", "checkpointing": "selective", "compile": True}, "bf16_flash_sac_fusedce_compile"),
+        ({"technique": "window_compile", "window": 16, "checkpointing": "full"}, "bf16_window16_gradcp_compile"),
     ],
 )
 def test_label_is_derived_from_switches(switches, label):
@@ -55,10 +68,19 @@ def test_label_is_derived_from_switches(switches, label):
 def test_explicit_switch_overrides_preset():
     c = cfg(technique="bf16", precision="fp32", checkpointing="full")
     assert (c.precision, c.checkpointing, c.label) == ("fp32", "full", "fp32_gradcp")
+    c = cfg(technique="fused_ce_compile", loss="standard", compile=False)
+    assert (c.loss, c.compile, c.label) == ("standard", False, "bf16_flash")
+
+
+def test_compile_accepts_numpy_bools_from_tune():
+    np = pytest.importorskip("numpy")
+    c = cfg(compile=np.bool_(True), peak_flops=np.float64(989.5e12))
+    assert c.compile is True and type(c.compile) is bool and c.peak_flops == 989.5e12
+    assert TrialConfig.from_dict(c.to_dict()) == c
 
 
 def test_registries_define_the_accepted_names():
-    assert set(CHECKPOINTING) >= {"none", "full"} and "standard" in LOSSES
+    assert set(CHECKPOINTING) >= {"none", "full", "selective"} and {"standard", "fused_ce"} <= set(LOSSES)
     assert set(PRECISIONS) == {"fp32", "tf32", "bf16"} and set(ATTENTIONS) == {"standard", "flash", "window"}
 
 
@@ -100,6 +122,11 @@ REJECTIONS = [
     ({"gpu_memory_gb": 4, "device": "cpu"}, "gpu_memory_gb limits a CUDA GPU"),
     ({"device": "tpu"}, "unknown device 'tpu'"),
     ({"schedule": "linear"}, "unknown schedule 'linear'"),
+    ({"compile": "yes"}, "compile must be true or false, got 'yes'"),
+    ({"compile": 1}, "compile must be true or false, got 1"),
+    ({"checkpointing": "selectiv"}, "unknown checkpointing 'selectiv' (did you mean 'selective'?)"),
+    ({"peak_flops": 0}, "peak_flops must be a positive number"),
+    ({"peak_flops": float("inf")}, "peak_flops must be a positive number"),
 ]
 
 

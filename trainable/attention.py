@@ -9,6 +9,11 @@ i.e. W keys including itself (fewer at the start of the sequence). flash_attn ex
 `window_size=(W - 1, 0)`, flex as the mask `0 <= i - j < W`, eager/SDPA as the boolean mask
 `sliding_window_causal_mask`. `window=None` is plain causal attention.
 
+Inside a torch.compile'd model (the `compile` switch) the kernels stay traceable: masks are built
+in the graph instead of read from a host-side cache, and flex calls the flex_attention op directly
+so that the outer compilation fuses it (outside one, flex runs its own compiled kernel: uncompiled,
+flex_attention falls back to a slow reference path that materialises the scores).
+
 Which kernel runs is decided inside the trial from the config and the hardware (`select_kernel`),
 never at import time; the trial reports the chosen kernel's name as `attention_kernel`. Kernels do
 not fall back silently: `sdpa_flash` allows only SDPA's flash backend, so an unsupported input
@@ -44,10 +49,18 @@ def sliding_window_causal_mask(seq_len: int, window: int | None, device: torch.d
     return allowed
 
 
+def _window_mask(seq_len: int, window: int | None, device: torch.device) -> Tensor:
+    """The cached mask in eager mode; under torch.compile a few fused ops inside the graph instead
+    (dynamo would trace through the lru_cache anyway, with a warning)."""
+    if torch.compiler.is_compiling():
+        return sliding_window_causal_mask.__wrapped__(seq_len, window, device)
+    return sliding_window_causal_mask(seq_len, window, device)
+
+
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
     """Textbook attention: materialises the (B, H, T, T) score matrix, masked softmax in fp32."""
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
-    mask = sliding_window_causal_mask(q.size(-2), window, q.device)
+    mask = _window_mask(q.size(-2), window, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     return probs @ v
@@ -57,7 +70,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -
     """torch SDPA with whatever backend torch picks (math on CPU); a window becomes an explicit mask."""
     if window is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    mask = sliding_window_causal_mask(q.size(-2), window, q.device)
+    mask = _window_mask(q.size(-2), window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -81,9 +94,12 @@ def flash_attn_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = N
     return out.transpose(1, 2)
 
 
-@functools.lru_cache(maxsize=32)
-def flex_block_mask(seq_len: int, window: int | None, device: torch.device):
-    """flex_attention BlockMask of the sliding-window causal pattern (built once per shape)."""
+# BlockMasks by (seq_len, window, device type, device index): a plain dict rather than an lru_cache, so
+# that a compiled model reads a mask built beforehand (`prepare_flex`) as a graph input.
+_FLEX_BLOCK_MASKS: dict[tuple, object] = {}
+
+
+def _build_flex_block_mask(seq_len: int, window: int | None, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def sliding_window_causal(b, h, q_idx, kv_idx):
@@ -96,6 +112,23 @@ def flex_block_mask(seq_len: int, window: int | None, device: torch.device):
     return create_block_mask(sliding_window_causal, None, None, seq_len, seq_len, device=device)
 
 
+def flex_block_mask(seq_len: int, window: int | None, device: torch.device):
+    """flex_attention BlockMask of the sliding-window causal pattern (built once per shape and device;
+    inside a compiled graph a missing one is built in the graph and not cached)."""
+    key = (seq_len, window, device.type, device.index)
+    mask = _FLEX_BLOCK_MASKS.get(key)
+    if mask is None:
+        mask = _build_flex_block_mask(seq_len, window, device)
+        if not torch.compiler.is_compiling():
+            _FLEX_BLOCK_MASKS[key] = mask
+    return mask
+
+
+def prepare_flex(seq_len: int, window: int | None, device: torch.device) -> None:
+    """Build the BlockMask before the first (possibly compiled) forward."""
+    flex_block_mask(seq_len, window, device)
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     """flex_attention only becomes a fused kernel under torch.compile (compiled on first CUDA use)."""
@@ -105,15 +138,19 @@ def _compiled_flex():
 
 
 def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
-    """torch flex_attention with a sliding-window causal BlockMask; compiled on CUDA.
+    """torch flex_attention with a sliding-window causal BlockMask; always compiled on CUDA.
 
-    On CPU it runs flex's unfused reference path (forward only), which tests use to check the mask.
+    Inside a compiled model the op is left to the outer compilation (one graph, no nested compile);
+    in an eager model it runs its own torch.compile'd kernel. On CPU it runs flex's unfused
+    reference path (forward only), which tests use to check the mask.
     """
-    block_mask = flex_block_mask(q.size(-2), window, q.device)
-    if q.is_cuda:
-        return _compiled_flex()(q, k, v, block_mask=block_mask)
     from torch.nn.attention.flex_attention import flex_attention
 
+    block_mask = flex_block_mask(q.size(-2), window, q.device)
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if q.is_cuda:
+        return _compiled_flex()(q, k, v, block_mask=block_mask)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return flex_attention(q, k, v, block_mask=block_mask)
@@ -134,6 +171,7 @@ class AttentionKernel:
     needs_bf16: bool = False
     is_available: Callable[[], bool] = lambda: True
     install_hint: str | None = None
+    prepare: Callable[[int, int | None, torch.device], None] | None = None  # (seq_len, window, device)
 
     def bind(self, window: int | None) -> Attend:
         """The (q, k, v) -> out callable a model layer calls."""
@@ -148,7 +186,7 @@ ATTENTION_BACKENDS: dict[str, AttentionKernel] = {
         AttentionKernel("sdpa_flash", sdpa_flash_attention, ("flash",), needs_cuda=True, needs_bf16=True),
         AttentionKernel("flash_attn", flash_attn_attention, ("flash", "window"), needs_cuda=True, needs_bf16=True,
                         is_available=_flash_attn_installed, install_hint=FLASH_INSTALL_HINT),
-        AttentionKernel("flex", flex_attention_kernel, ("window",), needs_cuda=True),
+        AttentionKernel("flex", flex_attention_kernel, ("window",), needs_cuda=True, prepare=prepare_flex),
     )
 }
 

@@ -2,10 +2,12 @@
 
     python -m trainable --data data/prepared --bf16 --flash-attn --batch-size 32 --max-steps 200
     python -m trainable --data data/prepared --technique window --window-size 16 --metrics-out m.jsonl
+    python -m trainable --data data/prepared --technique flash --checkpointing selective --compile
 
 Seed flags map onto switches: --bf16 -> precision bf16, --flash-attn -> attention flash,
 --window-size W -> attention window with window W, --gradient-checkpointing -> checkpointing full.
-They override the --technique preset. Bad input prints one line and exits 2.
+They override the --technique preset, and so do --checkpointing, --loss and --compile. Bad input
+prints one line and exits 2.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ VALUE_FLAGS = {
     "warmup_steps": "warmup_steps", "schedule": "schedule", "grad_clip": "grad_clip", "seed": "seed",
     "gpu_memory_gb": "gpu_memory_gb", "eval_interval": "eval_interval", "eval_batches": "eval_batches",
     "eval_batch_size": "eval_batch_size", "checkpoint_interval": "checkpoint_interval", "loss": "loss",
+    "checkpointing": "checkpointing", "peak_flops": "peak_flops",
 }
 
 
@@ -50,7 +53,10 @@ def build_parser() -> OneLineParser:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute every block in backward")
     p.add_argument("--precision", help="fp32 | tf32 | bf16")
     p.add_argument("--kernel", help="force an attention kernel (default: auto)")
-    p.add_argument("--loss", help="loss function (default: standard)")
+    p.add_argument("--checkpointing", help="none | full | selective (save matmuls, recompute the rest)")
+    p.add_argument("--loss", help="standard | fused_ce (default: standard)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model and loss")
+    p.add_argument("--peak-flops", type=float, metavar="FLOPS", help="the GPU's peak dense bf16 FLOP/s for MFU")
     p.add_argument("--batch-size", type=int, metavar="N")
     p.add_argument("--max-steps", type=int, metavar="N")
     p.add_argument("--max-tokens", type=int, metavar="N")
@@ -86,6 +92,8 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
         d["attention"], d["window"] = "window", args.window_size
     if args.gradient_checkpointing:
         d["checkpointing"] = "full"
+    if args.compile:
+        d["compile"] = True
     return TrialConfig.from_dict(d)
 
 
@@ -111,7 +119,9 @@ class ProgressPrinter:
         if m["step"] % self.every and "val_loss" not in m and not m.get("final"):
             return
         line = (f"step {m['step']:>6}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['tokens_per_s']:,.0f} tok/s  "
-                f"peak {_fmt(m['mem_step_peak_mib'], ',.0f')} MiB")
+                f"MFU {_fmt(m.get('mfu'), '.1%')}  peak {_fmt(m['mem_step_peak_mib'], ',.0f')} MiB")
+        if m.get("compiling"):
+            line += "  (compiling)"
         if "val_loss" in m:
             line += f"  val_loss {m['val_loss']:.4f}  val_ppl {_fmt(m['val_ppl'], '.2f')}"
         print(line, flush=True)
@@ -133,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{cfg.label}: out of memory in {final['oom_phase']} at batch size {cfg.batch_size}")
     elif final:
         print(f"{cfg.label}: done in {final['train_time_s']:.1f}s, val_loss {_fmt(final.get('val_loss'), '.4f')}, "
-              f"kernel {final['attention_kernel']}")
+              f"kernel {final['attention_kernel']}, steady {_fmt(final.get('steady_tokens_per_s'), ',.0f')} tok/s "
+              f"(MFU {_fmt(final.get('steady_mfu'), '.1%')}), compile {final.get('compile_time_s', 0.0):.1f}s")
     return 0
 
 

@@ -1,10 +1,10 @@
 """One trial's configuration: a flat dataclass of switches, validated once at construction.
 
-Techniques are switches (`precision`, `attention`, `window`, `checkpointing`, `loss`); the seed's
-named techniques are presets over them (`TECHNIQUES`). A preset only fills switches left unset,
-so `{"technique": "flash", "checkpointing": "full"}` is FlashAttention plus gradient
-checkpointing. The label a trial is known by (`bf16_flash_gradcp`) is derived from the switches
-by `technique_label`, never stored, so it cannot disagree with what ran.
+Techniques are switches (`precision`, `attention`, `window`, `checkpointing`, `loss`, `compile`);
+the named techniques are presets over them (`TECHNIQUES`). A preset only fills switches left
+unset, so `{"technique": "flash", "checkpointing": "full"}` is FlashAttention plus gradient
+checkpointing. The label a trial is known by (`bf16_flash_gradcp`, `bf16_flash_sac_fusedce_compile`)
+is derived from the switches by `technique_label`, never stored, so it cannot disagree with what ran.
 
 Checks that need the prepared dataset (vocab, rows) or the hardware (CUDA present, flash-attn
 installed) run at the start of the trial, still before any GPU work (see `trial.py`).
@@ -31,8 +31,9 @@ KERNELS = ("auto", *ATTENTION_BACKENDS)
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cuda", "cpu")
 
-# The seed's techniques (baseline, bf16, flash, window, gradcp) plus the combinations the sweep uses.
-TECHNIQUES: dict[str, dict[str, str]] = {
+# The seed's techniques (baseline, bf16, flash, window, gradcp), the combinations the sweep uses, and the
+# newer techniques: selective activation checkpointing (sac), fused linear cross-entropy, torch.compile.
+TECHNIQUES: dict[str, dict[str, str | bool]] = {
     "baseline": {"precision": "tf32", "attention": "standard", "checkpointing": "none"},
     "fp32": {"precision": "fp32", "attention": "standard", "checkpointing": "none"},
     "bf16": {"precision": "bf16", "attention": "standard", "checkpointing": "none"},
@@ -42,13 +43,33 @@ TECHNIQUES: dict[str, dict[str, str]] = {
     "bf16_gradcp": {"precision": "bf16", "attention": "standard", "checkpointing": "full"},
     "flash_gradcp": {"precision": "bf16", "attention": "flash", "checkpointing": "full"},
     "window_gradcp": {"precision": "bf16", "attention": "window", "checkpointing": "full"},
+    "sac": {"precision": "tf32", "attention": "standard", "checkpointing": "selective"},
+    "flash_sac": {"precision": "bf16", "attention": "flash", "checkpointing": "selective"},
+    "fused_ce": {"precision": "bf16", "attention": "flash", "checkpointing": "none", "loss": "fused_ce"},
+    "flash_compile": {"precision": "bf16", "attention": "flash", "checkpointing": "none", "compile": True},
+    "window_compile": {"precision": "bf16", "attention": "window", "checkpointing": "none", "compile": True},
+    "fused_ce_compile": {"precision": "bf16", "attention": "flash", "checkpointing": "none", "loss": "fused_ce",
+                         "compile": True},
 }
-DEFAULT_SWITCHES = TECHNIQUES["baseline"]
+# What a switch is when neither the config nor its preset sets it: the baseline.
+DEFAULT_SWITCHES: dict[str, str | bool] = {**TECHNIQUES["baseline"], "loss": "standard", "compile": False}
+# Label parts of non-default switch values (other values are spelled out: gradcp-<mode>, the loss name).
+CHECKPOINTING_LABELS = {"none": "", "full": "gradcp", "selective": "sac"}
+LOSS_LABELS = {"standard": "", "fused_ce": "fusedce"}
 
 
 def _close(name: str, choices) -> str:
     match = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    """A real bool (numpy's bool_ from Tune included); 1/"true" and friends are errors, not guesses."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
 def _choice(field: str, value: Any, choices) -> None:
@@ -65,8 +86,9 @@ class TrialConfig:
     precision: str | None = None  # fp32 | tf32 | bf16
     attention: str | None = None  # standard | flash | window
     window: int | None = None  # sliding window W: query i sees keys j with i - W < j <= i
-    checkpointing: str | None = None  # none | full
-    loss: str = "standard"
+    checkpointing: str | None = None  # none | full | selective
+    loss: str | None = None  # standard | fused_ce
+    compile: bool | None = None  # torch.compile the model and loss (False when unset)
     kernel: str = "auto"  # force one attention kernel (else chosen from attention + hardware)
     # model (vocab_size None: the dataset's)
     n_layers: int = 6
@@ -96,6 +118,7 @@ class TrialConfig:
     device: str = "auto"  # auto | cuda | cpu
     gpu_memory_gb: float | None = None  # cap this process's CUDA allocator, emulating a smaller card
     checkpoint_interval: int = 0  # steps between resumable checkpoints (0: off)
+    peak_flops: float | None = None  # the GPU's peak dense bf16 FLOP/s for MFU (None: look up the GPU's name)
 
     def __post_init__(self) -> None:
         self._normalise_types()
@@ -121,10 +144,10 @@ class TrialConfig:
     def _fill_from_technique(self) -> None:
         if self.technique is not None:
             _choice("technique", self.technique, TECHNIQUES)
-        preset = TECHNIQUES[self.technique] if self.technique is not None else DEFAULT_SWITCHES
-        for switch, value in preset.items():
+        preset = TECHNIQUES[self.technique] if self.technique is not None else {}
+        for switch, default in DEFAULT_SWITCHES.items():
             if getattr(self, switch) is None:
-                setattr(self, switch, value)
+                setattr(self, switch, preset.get(switch, default))
 
     def _normalise_types(self) -> None:
         """Tune and JSON hand us numpy scalars and 16.0-style floats; store plain Python values."""
@@ -133,6 +156,8 @@ class TrialConfig:
             if value is None:
                 continue
             kind = f.type.split(" |")[0]
+            if kind == "bool":
+                value = _as_bool(f.name, value)
             try:
                 if kind in ("int", "float") and isinstance(value, (str, bytes)):
                     raise ValueError
@@ -220,6 +245,8 @@ class TrialConfig:
             raise ConfigError("data_dir is required: a prepared dataset directory (python -m data_prep prepare)")
         # Absolute at the edge: Tune runs trials in their own working directory.
         self.data_dir = os.path.abspath(os.path.expanduser(self.data_dir))
+        if self.peak_flops is not None and not (self.peak_flops > 0 and math.isfinite(self.peak_flops)):
+            raise ConfigError(f"peak_flops must be a positive number of FLOP/s (e.g. 989.5e12), got {self.peak_flops}")
         if self.gpu_memory_gb is not None:
             if not (self.gpu_memory_gb > 0 and math.isfinite(self.gpu_memory_gb)):
                 raise ConfigError(f"gpu_memory_gb must be a positive number, got {self.gpu_memory_gb}")
@@ -238,7 +265,8 @@ class TrialConfig:
 
 def technique_label(cfg: TrialConfig) -> str:
     """The name a trial is known by, from its switches: baseline, bf16, bf16_flash, bf16_window16,
-    gradcp, bf16_flash_gradcp, fp32, ... (TF32 is the baseline precision and is left unsaid)."""
+    gradcp, bf16_flash_gradcp, sac, bf16_flash_fusedce, bf16_flash_compile, fp32, ... (TF32 is the
+    baseline precision and is left unsaid). Order: precision, attention, checkpointing, loss, compile."""
     parts: list[str] = []
     if cfg.precision != "tf32":
         parts.append(cfg.precision)
@@ -246,10 +274,8 @@ def technique_label(cfg: TrialConfig) -> str:
         parts.append("flash")
     elif cfg.attention == "window":
         parts.append(f"window{cfg.window}")
-    if cfg.checkpointing == "full":
-        parts.append("gradcp")
-    elif cfg.checkpointing != "none":
-        parts.append(f"gradcp-{cfg.checkpointing}")
-    if cfg.loss != "standard":
-        parts.append(cfg.loss)
-    return "_".join(parts) or "baseline"
+    parts.append(CHECKPOINTING_LABELS.get(cfg.checkpointing, f"gradcp-{cfg.checkpointing}"))
+    parts.append(LOSS_LABELS.get(cfg.loss, cfg.loss))
+    if cfg.compile:
+        parts.append("compile")
+    return "_".join(p for p in parts if p) or "baseline"

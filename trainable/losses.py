@@ -12,6 +12,8 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fused_ce import fused_linear_cross_entropy
+
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -23,4 +25,6 @@ def standard_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> T
 
 LOSSES: dict[str, LossFn] = {
     "standard": standard_cross_entropy,
+    # chunked LM head + CE that never materialises the N x V logits (fused_ce.py)
+    "fused_ce": fused_linear_cross_entropy,
 }

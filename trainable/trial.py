@@ -9,6 +9,13 @@ Contract 2 keys (docs/architecture.md). What it guarantees:
 * Cheap measurement: per-phase peaks come from the allocator's host-side counters; step k is
   reported only after step k + 1 has been queued, so reading its loss and timing never idles the
   GPU. Only eval and checkpoint steps are reported right away (they synchronise anyway).
+* Compilation is not speed: with the `compile` switch (or the flex kernel, always compiled on CUDA)
+  the steps during which torch.compile ran are reported with `compiling: True`; every step with
+  `warmup: True` (the compiling ones and the first step of the process) is left out of the final
+  `steady_tokens_per_s`, and `compile_time_s` sums the step times of the compiling steps.
+* MFU: every step reports `mfu` = tokens_per_s x `model_flops_per_token` / `peak_flops` (flops.py;
+  NaN when the GPU's peak is unknown and no `peak_flops` is configured, and on CPU).
+* Live metrics: inside Ray, a few per-step numbers are also exported as Ray metrics (observe.py).
 * OOM is a result: an allocation failure in any phase ends the trial with a final report
   `oom: True, status: "oom", oom_phase` and returns normally; any other exception propagates.
 * Resumable: every `checkpoint_interval` steps the full state (model, optimizer, scheduler, data
@@ -34,17 +41,20 @@ import torch
 from .attention import AttentionKernel, select_kernel
 from .checkpoint_io import CheckpointIO, TuneCheckpointIO
 from .checkpointing import apply_checkpointing
+from .compile_policy import CompileWatch, build_forward_loss, release_compiled
 from .config import TrialConfig, technique_label
 from .errors import ConfigError
+from .flops import mfu, model_flops_per_token, peak_bf16_flops
 from .losses import LOSSES
 from .measure import NOT_MEASURED, gpu_facts, is_oom_error, probes_for
 from .model import GPT, ModelConfig
+from .observe import RayMetricsExporter
 from .precision import PRECISIONS, Precision, tf32_matmuls
 
 Report = Callable[[dict[str, Any]], None]
 STATE_FORMAT = 1
 # Config keys that may differ between a checkpoint and the run resuming it (they do not change the math).
-RESUME_MAY_DIFFER = ("data_dir", "device", "gpu_memory_gb", "checkpoint_interval", "eval_interval")
+RESUME_MAY_DIFFER = ("data_dir", "device", "gpu_memory_gb", "checkpoint_interval", "eval_interval", "peak_flops")
 
 
 # -- set-up helpers -----------------------------------------------------------------------------------
@@ -128,10 +138,14 @@ def build_optimizer(model: torch.nn.Module, cfg: TrialConfig, device: torch.devi
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
+def model_config(cfg: TrialConfig, vocab_size: int) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, seq_len=cfg.seq_len, n_layers=cfg.n_layers,
+                       d_model=cfg.d_model, n_heads=cfg.n_heads, ff_dim=cfg.ff_dim)
+
+
 def build_model(cfg: TrialConfig, vocab_size: int, kernel: AttentionKernel) -> GPT:
     """The seeded model with its attention kernel and checkpointing policy (on CPU: same init everywhere)."""
-    model_cfg = ModelConfig(vocab_size=vocab_size, seq_len=cfg.seq_len, n_layers=cfg.n_layers,
-                            d_model=cfg.d_model, n_heads=cfg.n_heads, ff_dim=cfg.ff_dim)
+    model_cfg = model_config(cfg, vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = GPT(model_cfg, kernel.bind(cfg.window))
@@ -169,6 +183,14 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _normalised_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with switches it predates (e.g. `compile`) filled in with their defaults."""
+    try:
+        return TrialConfig.from_dict(dict(saved)).to_dict()
+    except ConfigError:  # written by another version: compare what is there
+        return dict(saved)
+
+
 # -- the run ------------------------------------------------------------------------------------------
 @dataclass
 class Position:
@@ -179,6 +201,9 @@ class Position:
     batch: int = 0
     tokens_seen: int = 0
     train_time_s: float = 0.0
+    compile_time_s: float = 0.0  # summed step time of the steps during which torch.compile ran
+    steady_tokens: int = 0  # tokens and step time of the steps that are not warm-up
+    steady_time_s: float = 0.0
 
 
 @dataclass
@@ -190,6 +215,8 @@ class StepRecord:
     lr: float
     span: Any
     mem: dict[str, float]
+    compiling: bool = False  # torch.compile ran during this step
+    warmup: bool = False  # left out of the steady-state throughput
 
 
 @dataclass
@@ -202,10 +229,15 @@ class OOMFailure:
 
 class _Trial:
     def __init__(self, cfg: TrialConfig, data: TrialData, device: torch.device, precision: Precision,
-                 kernel: AttentionKernel, report: Report, checkpoint_io: CheckpointIO | None):
+                 kernel: AttentionKernel, report: Report, checkpoint_io: CheckpointIO | None,
+                 exporter: RayMetricsExporter | None = None):
         self.cfg, self.data, self.device, self.precision = cfg, data, device, precision
         self.kernel, self._report, self.checkpoint_io = kernel, report, checkpoint_io
+        self.exporter = exporter if exporter is not None else RayMetricsExporter()
         self.loss_fn = LOSSES[cfg.loss]
+        self.forward_loss = None  # the (possibly compiled) training forward, built in _setup
+        self.compile_watch = CompileWatch()
+        self.first_step = 1  # the first step this process trains (warm-up even without compilation)
         self.memory, self.timer = probes_for(device)
         self.total_steps = total_steps(cfg, data.steps_per_epoch)
         self.pos = Position()
@@ -216,9 +248,11 @@ class _Trial:
         self.report_time_s = 0.0
         self._time_before, self._started = 0.0, None
         self.model = build_model(cfg, data.vocab_size, kernel)
+        self.flops_per_token = model_flops_per_token(model_config(cfg, data.vocab_size), cfg.window)
         self.facts = self._facts()
 
     def _facts(self) -> dict[str, Any]:
+        gpu = gpu_facts(self.device)
         return {
             "technique": technique_label(self.cfg),
             "precision": self.cfg.precision,
@@ -228,12 +262,15 @@ class _Trial:
             "tf32": self.precision.tf32_active(self.device.type),
             "checkpointing": self.cfg.checkpointing,
             "loss_fn": self.cfg.loss,
+            "compile": self.cfg.compile,
             "batch_size": self.cfg.batch_size,
             "window": self.cfg.window,
             "seq_len": self.cfg.seq_len,
             "num_params": self.model.num_params(),
+            "model_flops_per_token": self.flops_per_token,
+            "peak_flops": peak_bf16_flops(gpu["gpu_name"], self.cfg.peak_flops),
             "device": self.device.type,
-            **gpu_facts(self.device),
+            **gpu,
             "gpu_memory_limit_gb": self.cfg.gpu_memory_gb,
             "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda,
@@ -241,6 +278,10 @@ class _Trial:
 
     # -- lifecycle --
     def run(self) -> dict[str, Any]:
+        with self.compile_watch:
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         try:
             self._setup()
             return self._train()
@@ -259,6 +300,9 @@ class _Trial:
     def _setup(self) -> None:
         self.phase = "setup"
         self.model.to(self.device)
+        if self.kernel.prepare is not None:
+            self.kernel.prepare(self.cfg.seq_len, self.cfg.window, self.device)
+        self.forward_loss = build_forward_loss(self.model, self.cfg.loss, self.loss_fn, self.cfg.compile)
         self.optimizer = build_optimizer(self.model, self.cfg, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(self.cfg, self.total_steps))
         state = self.checkpoint_io.load() if self.checkpoint_io is not None else None
@@ -267,7 +311,7 @@ class _Trial:
 
     def _free(self) -> None:
         self.pending = None
-        self.model = self.optimizer = self.scheduler = None
+        self.model = self.optimizer = self.scheduler = self.forward_loss = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -298,7 +342,7 @@ class _Trial:
     def _train(self) -> dict[str, Any]:
         if self.pos.step >= self.total_steps:  # resumed from the final checkpoint: nothing left to do
             return {}
-        self.current_step = self.pos.step + 1
+        self.current_step = self.first_step = self.pos.step + 1
         self._time_before, self._started = self.pos.train_time_s, time.perf_counter()
         for epoch, index, rows in self._batches():
             self.phase, self.current_step = "forward", self.pos.step + 1
@@ -320,7 +364,7 @@ class _Trial:
             self.pos.train_time_s = self._train_time_s()
             if is_last:
                 metrics.update(final=True, status="ok", train_time_s=self.pos.train_time_s,
-                               report_time_s=self.report_time_s)
+                               report_time_s=self.report_time_s, **self._steady_metrics())
             if checkpoint_due:
                 self._emit(metrics, state=self._state())
             else:
@@ -340,14 +384,13 @@ class _Trial:
         """Queue one optimizer step; nothing here waits for the GPU."""
         memory, model, optimizer = self.memory, self.model, self.optimizer
         self.step_mem = {}
+        compile_events = self.compile_watch.events
         started = self.timer.start()
 
         self.phase = "forward"
         memory.reset_peak()
         with self.precision.autocast(self.device.type):
-            hidden = model(inputs)
-            loss = self.loss_fn(hidden, model.output_weight, targets)
-        del hidden
+            loss = self.forward_loss(inputs, targets)
         self.step_mem["mem_fwd_peak_mib"] = memory.peak_mib()
 
         self.phase = "backward"
@@ -371,23 +414,46 @@ class _Trial:
         mem["mem_step_peak_mib"] = NOT_MEASURED if any(map(math.isnan, peaks)) else max(peaks)
         mem["mem_allocated_mib"] = memory.allocated_mib()
         mem["mem_reserved_mib"] = memory.reserved_mib()
-        return StepRecord(step, loss.detach(), lr, span, mem)
+        if self.compile_watch.available:
+            compiling = self.compile_watch.events > compile_events
+        else:  # no compilation callbacks in this torch: assume compile work happens in the first step
+            compiling = self.cfg.compile and step == self.first_step
+        return StepRecord(step, loss.detach(), lr, span, mem, compiling=compiling,
+                          warmup=compiling or step == self.first_step)
 
     def _step_metrics(self, record: StepRecord) -> dict[str, Any]:
         """The report of a queued step; reading the loss and the timer waits for that step only."""
         seconds = self.timer.seconds(record.span)
         tokens = self.cfg.tokens_per_step
+        tokens_per_s = tokens / seconds if seconds > 0 else math.inf
+        if record.compiling:
+            self.pos.compile_time_s += seconds
+        if not record.warmup:
+            self.pos.steady_tokens += tokens
+            self.pos.steady_time_s += seconds
         return {
             "step": record.step,
             "loss": record.loss.item(),
             "lr": record.lr,
             "tokens_seen": record.step * tokens,
             "step_time_s": seconds,
-            "tokens_per_s": tokens / seconds if seconds > 0 else math.inf,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s, self.flops_per_token, self.facts["peak_flops"]),
             **record.mem,
             "oom": False,
+            "compiling": record.compiling,
+            "warmup": record.warmup,
+            "compile_time_s": self.pos.compile_time_s,
             **self.facts,
         }
+
+    def _steady_metrics(self) -> dict[str, float]:
+        """Throughput over the steps that are not warm-up (NaN when every step was warm-up)."""
+        pos = self.pos
+        steady = pos.steady_tokens / pos.steady_time_s if pos.steady_time_s > 0 else math.nan
+        return {"steady_tokens_per_s": steady,
+                "steady_mfu": mfu(steady, self.flops_per_token, self.facts["peak_flops"]),
+                "compile_time_s": pos.compile_time_s}
 
     def _flush_pending(self) -> None:
         if self.pending is not None:
@@ -401,6 +467,7 @@ class _Trial:
             self._report(metrics)
         else:
             self.checkpoint_io.report_with_checkpoint(metrics, state, self._report)
+        self.exporter.record(metrics)
         self.report_time_s += time.perf_counter() - t0
 
     @torch.no_grad()
@@ -410,7 +477,7 @@ class _Trial:
         rows = self.data.val_rows
         if len(rows) == 0:
             return {"val_loss": NOT_MEASURED, "val_ppl": NOT_MEASURED}
-        self.model.eval()
+        self.model.eval()  # the uncompiled model: evaluation never compiles a second graph
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for chunk in rows.split(self.cfg.eval_batch_size):
             inputs, targets = self._to_device(chunk)
@@ -436,7 +503,7 @@ class _Trial:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        saved, current = dict(state["config"]), self.cfg.to_dict()
+        saved, current = _normalised_config(state["config"]), self.cfg.to_dict()
         differs = [k for k in current if k not in RESUME_MAY_DIFFER and saved.get(k) != current[k]]
         if differs:
             raise ConfigError(f"the checkpoint to resume was written by a different configuration "
@@ -473,6 +540,10 @@ class _Trial:
             "val_loss": nan,
             "val_ppl": nan,
             **self.facts,
+            "mfu": nan,
+            "compiling": False,
+            "warmup": False,
+            **self._steady_metrics(),
             "oom": True,
             "oom_phase": failure.phase,
             "oom_message": failure.message,
@@ -483,11 +554,13 @@ class _Trial:
         }
 
 
-def run_trial(cfg: TrialConfig, report: Report, *, checkpoint_io: CheckpointIO | None = None) -> dict[str, Any]:
+def run_trial(cfg: TrialConfig, report: Report, *, checkpoint_io: CheckpointIO | None = None,
+              exporter: RayMetricsExporter | None = None) -> dict[str, Any]:
     """Train `cfg`, calling `report(metrics)` every step; returns the final report.
 
     Raises ConfigError (one line) for a configuration this machine or dataset cannot run, before
-    any GPU work. Returns normally on OOM (final report has `oom: True`).
+    any GPU work. Returns normally on OOM (final report has `oom: True`). `exporter` (default: a
+    `RayMetricsExporter`, active only inside Ray) also receives every report.
     """
     device = resolve_device(cfg.device)
     data = open_trial_data(cfg)
@@ -495,8 +568,10 @@ def run_trial(cfg: TrialConfig, report: Report, *, checkpoint_io: CheckpointIO |
     kernel = select_kernel(cfg.attention, cfg.precision, device.type, cfg.kernel)
     try:
         with tf32_matmuls(precision.tf32_active(device.type)), gpu_memory_limit(cfg.gpu_memory_gb, device):
-            return _Trial(cfg, data, device, precision, kernel, report, checkpoint_io).run()
+            return _Trial(cfg, data, device, precision, kernel, report, checkpoint_io, exporter).run()
     finally:
+        if cfg.compile:
+            release_compiled()
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()

@@ -1,0 +1,68 @@
+"""bench/bench_trainable.py as a CPU smoke run: technique specs, the side-by-side table, the profile file."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainable import ConfigError
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_trainable.py"
+TINY = ["--device", "cpu", "--vocabs", "512", "--batch-size", "4", "--seq-len", "64", "--n-layers", "2",
+        "--d-model", "32", "--n-heads", "4", "--ff-dim", "64", "--steps", "3", "--warmup", "1", "--report", "none"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_trainable", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_technique_specs(bench):
+    assert bench.technique_switches("flash") == {"technique": "flash"}
+    assert bench.technique_switches("window16+compile") == {"technique": "window", "window": 16, "compile": True}
+    assert bench.technique_switches("flash+sac+fused_ce") == {"technique": "flash", "checkpointing": "selective",
+                                                              "loss": "fused_ce"}
+    with pytest.raises(ConfigError, match=r"unknown modifier \+fast"):
+        bench.technique_switches("flash+fast")
+    with pytest.raises(ConfigError, match="unknown technique 'flsh'"):
+        bench.technique_switches("flsh")
+
+
+def test_cpu_smoke_run_writes_the_table(bench, tmp_path, capsys):
+    out = tmp_path / "table.md"
+    code = bench.main([*TINY, "--techniques", "baseline,baseline+sac+fused_ce", "--peak-flops", "1e12",
+                       "--out", str(out)])
+    assert code == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].startswith("| technique | vocab | kernel | tok/s plain | tok/s trainable | ratio |")
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| baseline", "| sac_fusedce"]
+    for row in rows[1:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "512" and float(cells[3].replace(",", "")) > 0 and float(cells[5]) > 0
+        assert cells[8].endswith("%") and cells[9].endswith("%")  # MFU plain / trainable against --peak-flops
+
+
+def test_profile_writes_a_kernel_table(bench, tmp_path):
+    out = tmp_path / "profile.txt"
+    assert bench.main([*TINY, "--profile", "bf16+sac", "--profile-out", str(out), "--profile-rows", "5"]) == 0
+    text = out.read_text()
+    assert text.startswith("bf16_sac, vocab 512") and "aten::" in text and "Self CPU" in text
+
+
+def test_bad_technique_is_one_line_exit_2(bench, capsys):
+    assert bench.main([*TINY, "--techniques", "flash+bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bench_trainable: error: unknown modifier +bogus") and "\n" not in err
