@@ -119,11 +119,14 @@ def test_gradient_checkpointing_lowers_the_forward_peak(sample_dataset):
 
 def test_real_oom_under_memory_cap_ends_the_trial_as_oom(sample_dataset):
     cfg = trial(sample_dataset, technique="baseline", d_model=256, n_layers=4, batch_size=512, gpu_memory_gb=1.0)
+    torch.ones(8, 8, device="cuda") @ torch.ones(8, 8, device="cuda")  # cuBLAS workspace exists before we count
+    before = torch.cuda.memory_allocated()
     reports, final = run(cfg)
     assert final["oom"] is True and final["status"] == "oom" and final["final"] is True
     assert final["oom_phase"] in ("forward", "backward") and final["batch_size"] == 512
     assert final["gpu_memory_limit_gb"] == 1.0 and final["mem_reserved_mib"] > 0
-    assert torch.cuda.memory_allocated() < 64 * 2**20  # the failed trial's tensors were freed
+    # the failed trial's tensors (model, grads, AdamW state: ~50 MiB here) were freed
+    assert torch.cuda.memory_allocated() - before < 8 * 2**20
     # the cap is lifted afterwards: the same trial without it completes
     _, ok = run(trial(sample_dataset, technique="baseline", d_model=256, n_layers=4, batch_size=512, max_steps=2))
     assert ok["status"] == "ok"
