@@ -16,9 +16,16 @@ from typing import Any
 
 import pandas as pd
 
-# A trial's first steps include CUDA context set-up, kernel autotuning and allocator growth; speed (step time,
-# tokens/s) is the median over the steps after the first WARMUP_STEPS, and never skips more than half the steps.
+# A trial's first steps include CUDA context set-up, kernel autotuning, allocator growth and torch.compile work.
+# The trainable flags those steps (`warmup`: the first step of each process and every step that compiled); speed
+# (step time, tokens/s, MFU) is the median over the steps without the flag. Experiments from before the flag fall
+# back to skipping the first WARMUP_STEPS steps (never more than half of them); `speed_rule` says which applied.
 WARMUP_STEPS = 3
+SPEED_RULE_FLAG = "warmup_flag"
+SPEED_RULE_SKIP = f"skip_first_{WARMUP_STEPS}"
+
+# Trials a max-batch search ran are short probes named `probe_<label>_bsN`; `kind` tells them from training trials.
+PROBE_PREFIX = "probe_"
 
 # Keys Tune adds to every report; they are bookkeeping, not measurements, and are left out of `steps`.
 TUNE_BOOKKEEPING = (
@@ -33,13 +40,14 @@ MAX_BATCH_FILE = "max_batch.json"
 
 # Leading columns of `trials`, in report order; every other config switch and run fact follows them.
 TRIAL_COLUMNS = (
-    "trial_id", "name", "technique", "preset", "precision", "attention", "window", "checkpointing", "batch_size",
-    "status", "attention_kernel", "dtype", "tf32", "gpu_name", "device", "seq_len", "steps_reported",
+    "trial_id", "name", "kind", "technique", "preset", "precision", "attention", "window", "checkpointing",
+    "batch_size", "status", "attention_kernel", "dtype", "tf32", "gpu_name", "device", "seq_len", "steps_reported",
     "final_loss", "val_loss", "val_ppl", "peak_mem_mib", "fwd_peak_mean_mib", "fwd_peak_max_mib",
     "bwd_peak_mean_mib", "bwd_peak_max_mib", "opt_peak_mean_mib", "opt_peak_max_mib", "allocated_max_mib",
-    "reserved_mib", "step_time_median_s", "tokens_per_s", "speed_warmup_steps", "train_time_s", "num_params",
-    "gpu_memory_limit_gb", "gpu_total_mib", "oom_phase", "oom_mem_peak_mib", "oom_message", "error",
-    "tune_status", "path",
+    "reserved_mib", "step_time_median_s", "tokens_per_s", "mfu", "speed_rule", "speed_warmup_steps",
+    "steady_tokens_per_s", "steady_mfu", "compile_time_s", "compile", "loss_fn", "train_time_s", "num_params",
+    "model_flops_per_token", "peak_flops", "gpu_memory_limit_gb", "gpu_total_mib", "oom_phase", "oom_mem_peak_mib",
+    "oom_message", "error", "tune_status", "path",
 )
 
 
@@ -52,7 +60,8 @@ class SweepResults:
     """Everything a sweep produced, as DataFrames.
 
     trials:    one row per trial (status `ok` | `oom` | `error` | `incomplete`; `incomplete` = interrupted
-               or still pending: no final report and no error).
+               or still pending: no final report and no error); `kind` is `train`, or `probe` for the short
+               trials of a max-batch search.
     steps:     long-format per-step history: trial_id, name and every key the trial reported.
     max_batch: the max-batch search records (empty when the sweep ran no search).
     """
@@ -65,6 +74,18 @@ class SweepResults:
     @property
     def name(self) -> str:
         return os.path.basename(self.path.rstrip("/")) or self.path
+
+    @property
+    def probes(self) -> pd.DataFrame:
+        """The max-batch search's probe trials (empty for a plain sweep)."""
+        return self.trials[self.trials["kind"] == "probe"]
+
+    def training(self) -> SweepResults:
+        """These results without the probe trials: what the comparison tables and plots 1-7 compare."""
+        keep = self.trials["kind"] != "probe"
+        trials = self.trials[keep]
+        steps = self.steps[self.steps["trial_id"].isin(trials["trial_id"])] if "trial_id" in self.steps else self.steps
+        return SweepResults(path=self.path, trials=trials, steps=steps, max_batch=self.max_batch)
 
 
 def load(path: str | os.PathLike) -> SweepResults:
@@ -83,6 +104,36 @@ def load(path: str | os.PathLike) -> SweepResults:
         steps=_steps_frame(step_frames),
         max_batch=_read_max_batch(grid),
     )
+
+
+def combine(parts: list[SweepResults]) -> SweepResults:
+    """Several experiments as one (e.g. max-batch searches under different GPU memory limits, or a sweep and its
+    search); `trials.experiment` and `max_batch.experiment` name where each row came from."""
+    if not parts:
+        raise AnalysisError("combine: no experiments given")
+    if len(parts) == 1:
+        return parts[0]
+
+    def stacked(frames: list[pd.DataFrame]) -> pd.DataFrame:
+        frames = [f for f in frames if not f.empty]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    tagged = [(r.name, r) for r in parts]
+    trials = stacked([r.trials.assign(experiment=name) for name, r in tagged])
+    if trials["trial_id"].duplicated().any():  # Tune's ids are random per experiment; a clash would merge steps
+        raise AnalysisError("combine: two experiments share a trial id (the same experiment given twice?)")
+    steps = stacked([r.steps for _, r in tagged])
+    return SweepResults(
+        path=" + ".join(r.path for r in parts),
+        trials=_order_columns(trials, TRIAL_COLUMNS),
+        steps=steps if not steps.empty else _steps_frame([]),
+        max_batch=stacked([r.max_batch.assign(experiment=name) for name, r in tagged]),
+    )
+
+
+def load_many(paths: list[str | os.PathLike]) -> SweepResults:
+    """`load` each path and `combine` them."""
+    return combine([load(p) for p in paths])
 
 
 def _open_experiment(path: str):
@@ -184,8 +235,20 @@ def step_rows(history: pd.DataFrame) -> pd.DataFrame:
 
 
 def warmup_steps(num_steps: int) -> int:
-    """How many leading steps the speed medians skip."""
+    """How many leading steps the fallback speed rule skips."""
     return min(WARMUP_STEPS, num_steps // 2)
+
+
+def speed_rows(steps: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """The steps speed is measured over, and the rule that chose them (None: no step to measure).
+
+    Steps the trainable flagged `warmup: False` when it reports the flag; else all but the first WARMUP_STEPS.
+    """
+    if steps.empty:
+        return steps, None
+    if "warmup" in steps and steps["warmup"].notna().any():
+        return steps[steps["warmup"].eq(False)], SPEED_RULE_FLAG  # NaN (flag missing on a step) is not False
+    return steps.iloc[warmup_steps(len(steps)):], SPEED_RULE_SKIP
 
 
 def _last(history: pd.DataFrame, key: str) -> Any:
@@ -248,13 +311,14 @@ def _trial_row(trial, result, history: pd.DataFrame) -> dict:
     if not finals.empty:
         final.update({k: _plain(v) for k, v in finals.iloc[-1].dropna().items()})
     steps = step_rows(history)
-    tokens = steps.iloc[warmup_steps(len(steps)):]
+    tokens, speed_rule = speed_rows(steps)
 
     row: dict[str, Any] = dict(_flat_config(trial.config))
     row["preset"] = row.get("technique")  # the config's named preset; `technique` becomes the reported label
     for fact in ("technique", "precision", "attention", "window", "checkpointing", "batch_size", "attention_kernel",
                  "dtype", "tf32", "gpu_name", "device", "seq_len", "num_params", "gpu_memory_limit_gb",
-                 "gpu_total_mib", "torch_version", "cuda_version"):
+                 "gpu_total_mib", "torch_version", "cuda_version", "compile", "loss_fn", "model_flops_per_token",
+                 "peak_flops"):
         reported = _last(history, fact)
         if reported is None:
             reported = final.get(fact)
@@ -279,7 +343,12 @@ def _trial_row(trial, result, history: pd.DataFrame) -> dict:
         reserved_mib=_stat(history, "mem_reserved_mib", "max"),
         step_time_median_s=_stat(tokens, "step_time_s", "median"),
         tokens_per_s=_stat(tokens, "tokens_per_s", "median"),
+        mfu=_stat(tokens, "mfu", "median"),
+        speed_rule=speed_rule,
         speed_warmup_steps=int(len(steps) - len(tokens)),
+        steady_tokens_per_s=_final_or_last(final, history, "steady_tokens_per_s"),
+        steady_mfu=_final_or_last(final, history, "steady_mfu"),
+        compile_time_s=_final_or_last(final, history, "compile_time_s"),
         train_time_s=final.get("train_time_s"),
         oom_phase=final.get("oom_phase") if status == "oom" else None,
         oom_mem_peak_mib=final.get("oom_mem_peak_mib") if status == "oom" else None,
@@ -288,16 +357,34 @@ def _trial_row(trial, result, history: pd.DataFrame) -> dict:
         tune_status=trial.status,
         path=str(result.path),
     )
-    row["name"] = _trial_name(trial, row)
+    tune_name = str(trial)
+    row["kind"] = "probe" if tune_name.startswith(PROBE_PREFIX) else "train"
+    if _last(history, "technique") is None:  # never reported: the label is in Tune's name, not in the config
+        row["technique"] = _label_from_tune_name(tune_name, row.get("batch_size")) or row.get("technique")
+    row["name"] = _trial_name(tune_name, row)
     return row
 
 
-def _trial_name(trial, row: dict) -> str:
-    """`label_bsN` from what the trial reported; Tune's own name when the trial never said."""
+def _final_or_last(final: dict, history: pd.DataFrame, key: str) -> Any:
+    value = final.get(key)
+    return value if value is not None else _last(history, key)
+
+
+def _label_from_tune_name(tune_name: str, batch_size: Any) -> str | None:
+    """`bf16_window16` from `probe_bf16_window16_bs263` (the sweep's naming), None for other names."""
+    if batch_size is None or _isnan(batch_size):
+        return None
+    suffix = f"_bs{int(batch_size)}"
+    label = tune_name.removeprefix(PROBE_PREFIX)
+    return label.removesuffix(suffix) if label.endswith(suffix) and len(label) > len(suffix) else None
+
+
+def _trial_name(tune_name: str, row: dict) -> str:
+    """`label_bsN` (probes: `probe_label_bsN`) from what the trial reported; Tune's own name when it never said."""
     technique, batch_size = row.get("technique"), row.get("batch_size")
     if technique is not None and batch_size is not None and not _isnan(batch_size):
-        return f"{technique}_bs{int(batch_size)}"
-    return str(trial)
+        return f"{PROBE_PREFIX if row['kind'] == 'probe' else ''}{technique}_bs{int(batch_size)}"
+    return tune_name
 
 
 def _isnan(value: Any) -> bool:
@@ -314,8 +401,9 @@ def _order_columns(frame: pd.DataFrame, leading: tuple[str, ...]) -> pd.DataFram
 NUMERIC_COLUMNS = (
     "batch_size", "window", "seq_len", "steps_reported", "final_loss", "val_loss", "val_ppl", "peak_mem_mib",
     "fwd_peak_mean_mib", "fwd_peak_max_mib", "bwd_peak_mean_mib", "bwd_peak_max_mib", "opt_peak_mean_mib",
-    "opt_peak_max_mib", "allocated_max_mib", "reserved_mib", "step_time_median_s", "tokens_per_s",
-    "speed_warmup_steps", "train_time_s", "num_params", "gpu_memory_limit_gb", "gpu_total_mib", "oom_mem_peak_mib",
+    "opt_peak_max_mib", "allocated_max_mib", "reserved_mib", "step_time_median_s", "tokens_per_s", "mfu",
+    "speed_warmup_steps", "steady_tokens_per_s", "steady_mfu", "compile_time_s", "train_time_s", "num_params",
+    "model_flops_per_token", "peak_flops", "gpu_memory_limit_gb", "gpu_total_mib", "oom_mem_peak_mib",
 )
 
 

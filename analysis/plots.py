@@ -1,4 +1,4 @@
-"""The comparison plots (the seed's six, plus loss curves), drawn from `SweepResults` with matplotlib's Agg backend.
+"""The comparison plots (the seed's six, loss curves, max batch), drawn from `SweepResults` with matplotlib's Agg.
 
 Each plot is a function `SweepResults -> (file name, Figure)` in `PLOTS`; a plot that the data cannot support raises
 `SkipPlot` with the reason, which the report prints instead of failing.
@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from .load import BASELINE_LABELS, SweepResults, step_rows  # noqa: E402
 
@@ -27,7 +27,10 @@ class SkipPlot(Exception):
 
 
 def ok_trials(results: SweepResults) -> pd.DataFrame:
-    return results.trials[results.trials["status"] == "ok"]
+    """Completed training trials (a max-batch search's probes are not training runs)."""
+    trials = results.trials
+    is_probe = trials["kind"].eq("probe") if "kind" in trials else False
+    return trials[(trials["status"] == "ok") & ~is_probe]
 
 
 def comparison_batch_size(results: SweepResults) -> int | None:
@@ -51,6 +54,30 @@ def technique_colors(trials: pd.DataFrame) -> dict[str, tuple]:
     return {t: cmap(i % cmap.N) for i, t in enumerate(techniques)}
 
 
+# Techniques often measure the same memory (flash and sliding window at one batch size); distinct markers, drawn
+# smaller for later techniques, keep every line visible where they overlap.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def technique_style(trials: pd.DataFrame) -> dict[str, dict]:
+    """Line-plot style per technique: its colour, a distinct marker, and shrinking sizes so overlaps show."""
+    colors = technique_colors(trials)
+    return {t: dict(color=c, marker=MARKERS[i % len(MARKERS)], markersize=max(4.0, 10.0 - 1.2 * i),
+                    lw=max(1.0, 2.6 - 0.3 * i))
+            for i, (t, c) in enumerate(colors.items())}
+
+
+def _human(value: float, _pos=None) -> str:
+    """1.5M, 600k: tick labels for throughputs, instead of matplotlib's separate 1e6 offset."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+HUMAN = FuncFormatter(_human)
+
+
 def _batch_axis(ax, sizes) -> None:
     sizes = sorted({int(s) for s in sizes if pd.notna(s)})
     if not sizes:
@@ -62,17 +89,26 @@ def _batch_axis(ax, sizes) -> None:
     ax.set_xlabel("batch size (sequences, log2 scale)")
 
 
-def _memory_limit_mib(trials: pd.DataFrame) -> float | None:
+# Without an emulated limit, the GPU's total memory is drawn as a line only when the data reaches this share of it;
+# below that the line would squash every curve into the bottom of the plot, so the title names the total instead.
+LIMIT_LINE_MIN_SHARE = 0.5
+
+
+def _memory_limit_mib(trials: pd.DataFrame) -> tuple[float | None, bool]:
+    """The memory trials could use (MiB) and whether it was an emulated limit (`gpu_memory_limit_gb`)."""
     limit = trials["gpu_memory_limit_gb"].dropna()
     if len(limit) and limit.max() > 0:
-        return float(limit.max()) * 1024
+        return float(limit.max()) * 1024, True
     total = trials["gpu_total_mib"].dropna()
-    return float(total.max()) if len(total) else None
+    return (float(total.max()) if len(total) else None), False
 
 
-def _gpu_title(trials: pd.DataFrame) -> str:
+def _gpu_title(trials: pd.DataFrame, total_mib: float | None = None) -> str:
     names = sorted(str(n) for n in trials["gpu_name"].dropna().unique())
-    return f" ({', '.join(names)})" if names else ""
+    parts = [", ".join(names)] if names else []
+    if total_mib:
+        parts.append(f"{total_mib:,.0f} MiB total")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _mark_ooms(ax, ooms: pd.DataFrame, y: pd.Series | float, label: str) -> None:
@@ -88,40 +124,47 @@ def _mark_ooms(ax, ooms: pd.DataFrame, y: pd.Series | float, label: str) -> None
 
 
 def plot_memory_vs_batch(results: SweepResults) -> tuple[str, Figure]:
-    trials, colors = results.trials, technique_colors(results.trials)
+    trials = results.trials
     ok = ok_trials(results).dropna(subset=["peak_mem_mib", "batch_size"])
     ooms = trials[trials["status"] == "oom"].dropna(subset=["batch_size"])
     if ok.empty and ooms.empty:
         raise SkipPlot("1_memory_vs_batch_size.png skipped: no trial reported peak memory")
+    styles = technique_style(trials)
     fig, ax = plt.subplots(figsize=(9, 6))
     for technique, group in ok.sort_values("batch_size").groupby("technique"):
-        ax.plot(group["batch_size"], group["peak_mem_mib"], "o-", color=colors[str(technique)], label=technique)
-    limit = _memory_limit_mib(trials)
-    if limit:
-        ax.axhline(limit, color="gray", ls="--", lw=1, label=f"GPU memory limit ({limit:,.0f} MiB)")
-    fallback = limit if limit else ok["peak_mem_mib"].max() if not ok.empty else 0.0
-    oom_y = ooms["oom_mem_peak_mib"].fillna(ooms["peak_mem_mib"]).fillna(fallback)
+        ax.plot(group["batch_size"], group["peak_mem_mib"], "-", label=technique, **styles[str(technique)])
+    limit, emulated = _memory_limit_mib(trials)
+    oom_y = ooms["oom_mem_peak_mib"].fillna(ooms["peak_mem_mib"])
+    data_max = max(ok["peak_mem_mib"].max() if not ok.empty else 0.0, oom_y.max() if oom_y.notna().any() else 0.0)
+    draw_limit = bool(limit) and (emulated or data_max >= LIMIT_LINE_MIN_SHARE * limit)
+    if draw_limit:
+        what = "emulated GPU memory limit" if emulated else "GPU memory"
+        ax.axhline(limit, color="gray", ls="--", lw=1, label=f"{what} ({limit:,.0f} MiB)")
+    oom_y = oom_y.fillna(limit if draw_limit else data_max)
     _mark_ooms(ax, ooms, oom_y, "OOM (memory at failure)")
     _batch_axis(ax, trials["batch_size"])
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("peak GPU memory per step (MiB)")
-    ax.set_title(f"Peak memory vs batch size{_gpu_title(trials)}")
+    ax.set_title(f"Peak memory vs batch size{_gpu_title(trials, None if draw_limit or emulated else limit)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return "1_memory_vs_batch_size.png", fig
 
 
 def plot_speed_vs_batch(results: SweepResults) -> tuple[str, Figure]:
-    trials, colors = results.trials, technique_colors(results.trials)
+    trials = results.trials
     ok = ok_trials(results).dropna(subset=["tokens_per_s", "batch_size"])
     if ok.empty:
         raise SkipPlot("2_speed_vs_batch_size.png skipped: no completed trial reported tokens_per_s")
     ooms = trials[trials["status"] == "oom"].dropna(subset=["batch_size"])
+    styles = technique_style(trials)
     fig, ax = plt.subplots(figsize=(9, 6))
     for technique, group in ok.sort_values("batch_size").groupby("technique"):
-        ax.plot(group["batch_size"], group["tokens_per_s"], "o-", color=colors[str(technique)], label=technique)
+        ax.plot(group["batch_size"], group["tokens_per_s"], "-", label=technique, **styles[str(technique)])
     _mark_ooms(ax, ooms, 0.0, "OOM (no throughput)")
     _batch_axis(ax, trials["batch_size"])
     ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_formatter(HUMAN)
     ax.set_ylabel("training throughput (tokens/s, median after warm-up)")
     ax.set_title(f"Speed vs batch size{_gpu_title(trials)}")
     ax.grid(alpha=0.3)
@@ -156,6 +199,7 @@ def plot_tradeoff(results: SweepResults) -> tuple[str, Figure]:
     ax.plot(front["peak_mem_mib"], front["tokens_per_s"], "k--", lw=1.2, label="Pareto frontier", zorder=1)
     ax.scatter(front["peak_mem_mib"], front["tokens_per_s"], s=160, facecolors="none", edgecolors="black", zorder=4)
     ax.set_xlabel("peak GPU memory per step (MiB)")
+    ax.yaxis.set_major_formatter(HUMAN)
     ax.set_ylabel("training throughput (tokens/s)")
     ax.set_title("Memory / speed trade-off (circled: Pareto-optimal, less memory and more speed)")
     ax.grid(alpha=0.3)
@@ -190,6 +234,8 @@ def plot_technique_comparison(results: SweepResults) -> tuple[str, Figure]:
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
+        if column == "tokens_per_s":
+            ax.yaxis.set_major_formatter(HUMAN)
         ax.grid(axis="y", alpha=0.3)
     note = ("" if batch == PREFERRED_COMPARISON_BATCH
             else f" (largest completed batch size; no bs{PREFERRED_COMPARISON_BATCH})")
@@ -246,6 +292,8 @@ def plot_window_comparison(results: SweepResults) -> tuple[str, Figure]:
         ax.minorticks_off()
         ax.set_xlabel("attention window (tokens, log2 scale)")
         ax.set_ylabel(ylabel)
+        if column == "tokens_per_s":
+            ax.yaxis.set_major_formatter(HUMAN)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     seq = trials["seq_len"].dropna()
@@ -344,7 +392,69 @@ def plot_loss_curves(results: SweepResults) -> tuple[str, Figure]:
     return "7_loss_curves.png", fig
 
 
-PLOTS: tuple[Callable[[SweepResults], tuple[str, Figure]], ...] = (
+def _limit_label(limit_gb) -> str:
+    return f"{limit_gb:g} GB limit" if pd.notna(limit_gb) and limit_gb > 0 else "full GPU"
+
+
+def plot_max_batch(results: SweepResults) -> tuple[str, Figure]:
+    """Max batch per technique; one bar group per GPU memory limit when the records span several."""
+    frame = results.max_batch
+    if frame.empty or "max_batch_size" not in frame:
+        raise SkipPlot("8_max_batch.png skipped: no max-batch search records")
+    frame = frame.assign(
+        technique=frame["technique"].astype(str),
+        limit=frame["gpu_memory_limit_gb"].map(_limit_label) if "gpu_memory_limit_gb" in frame else "full GPU",
+        max_batch_size=pd.to_numeric(frame["max_batch_size"], errors="coerce"),
+        predicted=pd.to_numeric(frame["predicted_max_batch"], errors="coerce") if "predicted_max_batch" in frame
+        else float("nan"),
+    )
+    order = frame.groupby("technique")["max_batch_size"].max().sort_values(ascending=False, na_position="last")
+    techniques, limits = list(order.index), sorted(frame["limit"].unique(), key=lambda lim: (lim == "full GPU", lim))
+    colors, cmap = technique_colors(frame), plt.get_cmap("tab10")
+    width = 0.8 / len(limits)
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(techniques) * max(1, len(limits) / 1.5)), 5.5))
+    labelled: set[str] = set()
+    for j, limit in enumerate(limits):
+        rows = frame[frame["limit"] == limit].drop_duplicates("technique", keep="last").set_index("technique")
+        for i, technique in enumerate(techniques):
+            if technique not in rows.index:
+                continue
+            row, x = rows.loc[technique], i + (j - (len(limits) - 1) / 2) * width
+            color = colors[technique] if len(limits) == 1 else cmap(j % cmap.N)
+            height = row["max_batch_size"] if pd.notna(row["max_batch_size"]) else 0.0
+            ax.bar([x], [height], width=width * 0.95, color=color,
+                   label=limit if len(limits) > 1 and limit not in labelled else None)
+            labelled.add(limit)
+            if height:  # the value inside the bar, clear of the prediction tick near its top
+                ax.annotate(f"{int(height)}", (x, height / 2), ha="center", va="center", fontsize=8, color="white",
+                            fontweight="bold")
+            else:
+                ax.annotate(str(row.get("status", "error")), (x, 0), xytext=(0, 3), textcoords="offset points",
+                            ha="center", fontsize=8, color="red")
+            if pd.notna(row["predicted"]):
+                predicted = "predicted by the memory model"
+                ax.scatter([x], [row["predicted"]], marker="_", s=400 * width, color="black", linewidths=2,
+                           zorder=5, label=None if predicted in labelled else predicted)
+                labelled.add(predicted)
+    ax.set_xticks(range(len(techniques)))
+    ax.set_xticklabels(techniques, rotation=20, ha="right")
+    ax.set_xlim(-1.0 if len(techniques) == 1 else -0.6, len(techniques) - (0.0 if len(techniques) == 1 else 0.4))
+    ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.08)
+    ax.set_ylabel("max batch size that fits (sequences)")
+    seq = pd.to_numeric(frame["seq_len"], errors="coerce").dropna() if "seq_len" in frame else pd.Series(dtype=float)
+    gpus = sorted(str(n) for n in results.trials["gpu_name"].dropna().unique())
+    context = gpus + ([limits[0]] if len(limits) == 1 else []) + ([f"seq_len {int(seq.max())}"] if len(seq) else [])
+    ax.set_title("Largest batch that fits (OOM-aware search)" + (f"\n{', '.join(context)}" if context else ""))
+    ax.grid(axis="y", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return "8_max_batch.png", fig
+
+
+# Plots over the training trials (probes left out), then plots of the max-batch search.
+TRAINING_PLOTS: tuple[Callable[[SweepResults], tuple[str, Figure]], ...] = (
     plot_memory_vs_batch, plot_speed_vs_batch, plot_tradeoff, plot_technique_comparison,
     plot_window_comparison, plot_memory_savings, plot_loss_curves,
 )
+SEARCH_PLOTS: tuple[Callable[[SweepResults], tuple[str, Figure]], ...] = (plot_max_batch,)
+PLOTS = TRAINING_PLOTS + SEARCH_PLOTS

@@ -9,9 +9,10 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from .load import WARMUP_STEPS, SweepResults
+from .load import SPEED_RULE_SKIP, WARMUP_STEPS, SweepResults
 from .plots import (
-    PLOTS, PREFERRED_COMPARISON_BATCH, SkipPlot, baseline_label, comparison_batch_size, memory_savings, ok_trials,
+    PREFERRED_COMPARISON_BATCH, SEARCH_PLOTS, TRAINING_PLOTS, SkipPlot, baseline_label, comparison_batch_size,
+    memory_savings, ok_trials,
 )
 
 STATUS_ORDER = {"ok": 0, "oom": 1, "error": 2, "incomplete": 3}
@@ -41,6 +42,18 @@ def _params(value: Any) -> str:
     return "-" if value is None or pd.isna(value) else f"{value / 1e6:.2f}M"
 
 
+def _mfu(value: Any) -> str:
+    return "-" if value is None or pd.isna(value) else f"{100 * value:.1f}%"
+
+
+def _compile_cell(trial: pd.Series) -> str:
+    """Seconds spent compiling when the trial compiled, `off` when it did not, `-` when it never said."""
+    compiled = trial.get("compile")
+    if compiled is True or compiled == "True":
+        return _num(trial.get("compile_time_s"), 1)
+    return "off" if compiled is False or compiled == "False" else "-"
+
+
 def _sorted_trials(trials: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     return trials.assign(
         _base=trials["technique"] != baseline, _status=trials["status"].map(STATUS_ORDER).fillna(9),
@@ -49,24 +62,46 @@ def _sorted_trials(trials: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
 
 
 def comparison_table(results: SweepResults) -> Table:
-    trials = _sorted_trials(results.trials, baseline_label(results.trials))
+    """Training trials side by side; a max-batch search's probes are not compared here (see `probes_table`)."""
+    training = results.training()
+    trials = _sorted_trials(training.trials, baseline_label(training.trials))
     rows = [[
         str(t["technique"]), _num(t["batch_size"], 0), str(t["status"]), _num(t["val_ppl"], 2, False),
-        _num(t["train_time_s"], 1), _num(t["peak_mem_mib"], 0), _num(t["tokens_per_s"], 0), _params(t["num_params"]),
+        _num(t["train_time_s"], 1), _num(t["peak_mem_mib"], 0), _num(t["tokens_per_s"], 0), _mfu(t["mfu"]),
+        _compile_cell(t), _params(t["num_params"]),
         str(t["attention_kernel"]) if pd.notna(t["attention_kernel"]) else "-",
     ] for _, t in trials.iterrows()]
+    notes = ["peak mem = max over steps of mem_step_peak_mib; " + speed_note(training.trials)
+             + "; compile (s) = time of the steps during which torch.compile ran ('off': not compiled)."]
+    if trials.empty and len(results.probes):
+        notes = [f"No training trials: this experiment is a max-batch search ({len(results.probes)} probe trials of "
+                 "a few steps each); see 'Max batch size that fits' and 'Probe trials'."]
     return Table(
         "Comparison",
-        ["technique", "batch size", "status", "val PPL", "train time (s)", "peak mem (MiB)", "tokens/s", "params",
-         "attention kernel"],
-        rows,
-        [f"peak mem = max over steps of mem_step_peak_mib; tokens/s = median over steps after the first "
-         f"{WARMUP_STEPS} warm-up steps (at most half the steps are skipped)."],
+        ["technique", "batch size", "status", "val PPL", "train time (s)", "peak mem (MiB)", "tokens/s", "MFU",
+         "compile (s)", "params", "attention kernel"],
+        rows, notes,
     )
 
 
+def speed_note(trials: pd.DataFrame) -> str:
+    """How tokens/s and MFU were measured, naming the trials that fell back to the skip-first-steps rule."""
+    flag = ("tokens/s and MFU = median over the steps the trainable did not flag as warm-up (the first step of "
+            "each process and every step torch.compile worked in)")
+    skip = (f"tokens/s = median over steps after the first {WARMUP_STEPS} (at most half the steps are skipped; "
+            "these trials predate the warm-up flag)")
+    rules = trials["speed_rule"].dropna() if "speed_rule" in trials else pd.Series(dtype=object)
+    if (rules == SPEED_RULE_SKIP).all():
+        return skip
+    fallback = trials.loc[rules[rules == SPEED_RULE_SKIP].index, "name"]
+    if fallback.empty:
+        return flag
+    return f"{flag}; {skip}: {', '.join(map(str, fallback))}"
+
+
 def memory_table(results: SweepResults) -> Table:
-    trials = _sorted_trials(results.trials, baseline_label(results.trials))
+    trials = results.training().trials
+    trials = _sorted_trials(trials, baseline_label(trials))
     trials = trials[trials["status"].isin(["ok", "oom"])]
     if trials["peak_mem_mib"].isna().all():
         return Table("Memory details (MiB)", [], [], ["No GPU memory measured (CPU trials, or no completed trial)."])
@@ -131,7 +166,7 @@ def best_table(results: SweepResults) -> Table:
         if not fits.empty:
             top = fits.loc[fits["max_batch_size"].idxmax()]
             rows.append(["largest batch that fits", str(top["technique"]) + _window_suffix(top.get("window")),
-                         f"{int(top['max_batch_size'])} sequences"])
+                         f"{int(top['max_batch_size'])} sequences ({_limit_cell(top.get('gpu_memory_limit_gb'))})"])
     return Table("Best technique", ["goal", "technique", "value"], rows, notes)
 
 
@@ -140,21 +175,106 @@ def _window_suffix(window: Any) -> str:
 
 
 def max_batch_table(results: SweepResults) -> Table | None:
+    """The search's answer per technique and GPU memory limit, with what the prediction-seeded search cost."""
     frame = results.max_batch
     if frame.empty:
         return None
-    frame = frame.sort_values("max_batch_size", ascending=False, na_position="last") \
-        if "max_batch_size" in frame else frame
+    if "max_batch_size" in frame:
+        frame = frame.sort_values("max_batch_size", ascending=False, na_position="last")
+    records = frame.to_dict("records")
     rows = [[
-        str(r.get("technique", "-")), _num(r.get("window"), 0) if r.get("window") is not None else "-",
-        _num(r.get("max_batch_size"), 0), _num(r.get("peak_mem_mib"), 0),
-        str(len(r["probes"])) if isinstance(r.get("probes"), list) else str(r.get("probes", "-")),
-        _num(r.get("wall_time_s"), 1), _num(r.get("gpu_memory_limit_gb"), 1), str(r.get("status", "-")),
-        str(r.get("error")) if r.get("error") not in (None, "") and not _isna(r.get("error")) else "",
-    ] for r in frame.to_dict("records")]
+        str(r.get("technique", "-")), _window_cell(r.get("window")), _limit_cell(r.get("gpu_memory_limit_gb")),
+        (">=" if r.get("hit_upper_bound") is True else "") + _num(r.get("max_batch_size"), 0),
+        _num(r.get("peak_mem_mib"), 0), _num(r.get("predicted_max_batch"), 0),
+        _probes_rounds(_probe_count(r.get("probes")), r.get("rounds")),
+        _probes_rounds(r.get("unseeded_probes"), r.get("unseeded_rounds")),
+        _num(r.get("parallelism"), 0), _num(r.get("wall_time_s"), 1), str(r.get("status", "-")),
+        _first_line(r.get("error")) if _present(r.get("error")) else "",
+    ] for r in records]
+    notes = ["probes/rounds: probe trials and rounds of parallel probes the search ran (seeded with the predicted "
+             "max batch when one is shown); unseeded: what the search from a small batch would have cost, "
+             "replayed on the same outcomes. '>=': the search hit its upper bound."]
+    notes += _search_cost_notes(records) + _unfinished_search_notes(results, records)
     return Table("Max batch size that fits",
-                 ["technique", "window", "max batch", "peak mem (MiB)", "probes", "wall time (s)", "GPU limit (GB)",
-                  "status", "error"], rows)
+                 ["technique", "window", "GPU limit", "max batch", "peak mem at max (MiB)", "predicted",
+                  "probes/rounds", "unseeded probes/rounds", "parallelism", "wall time (s)", "status", "error"],
+                 rows, notes)
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not _isna(value) and value != ""
+
+
+def _window_cell(window: Any) -> str:
+    return _num(window, 0) if _present(window) and window > 0 else "-"
+
+
+def _limit_cell(limit_gb: Any) -> str:
+    return f"{limit_gb:g} GB" if _present(limit_gb) and limit_gb > 0 else "full GPU"
+
+
+def _probe_count(probes: Any) -> Any:
+    """`probes` is a count (newer records) or the list of probes run (older ones)."""
+    return len(probes) if isinstance(probes, list) else probes
+
+
+def _probes_rounds(probes: Any, rounds: Any) -> str:
+    if not _present(probes):
+        return "-"
+    return f"{int(probes)}/{int(rounds)}" if _present(rounds) else f"{int(probes)}/-"
+
+
+def _search_cost_notes(records: list[dict]) -> list[str]:
+    seeded = [r for r in records if r.get("seeded") is True and _present(r.get("unseeded_probes"))
+              and _present(_probe_count(r.get("probes")))]
+    if not seeded:
+        return []
+    probes = sum(int(_probe_count(r["probes"])) for r in seeded)
+    rounds = sum(int(r["rounds"]) for r in seeded if _present(r.get("rounds")))
+    unseeded_probes = sum(int(r["unseeded_probes"]) for r in seeded)
+    unseeded_rounds = sum(int(r["unseeded_rounds"]) for r in seeded if _present(r.get("unseeded_rounds")))
+    return [f"Seeded by the memory model: {probes} probes in {rounds} rounds; the unseeded search would have run "
+            f"{unseeded_probes} probes in {unseeded_rounds} rounds."]
+
+
+def _unfinished_search_notes(results: SweepResults, records: list[dict]) -> list[str]:
+    """Searches whose probes ran but which left no record (interrupted), per technique and memory limit."""
+    probes = results.probes
+    if probes.empty:
+        return []
+    done = {(str(r.get("technique")), _limit_cell(r.get("gpu_memory_limit_gb"))) for r in records}
+    # a probe that never reported has no gpu_memory_limit_gb; its config's gpu_memory_gb is what it was given
+    limits = probes["gpu_memory_limit_gb"]
+    if "gpu_memory_gb" in probes:
+        limits = limits.fillna(pd.to_numeric(probes["gpu_memory_gb"], errors="coerce"))
+    ran = probes.assign(_key=[(str(t), _limit_cell(g)) for t, g in zip(probes["technique"], limits)])
+    notes = []
+    for key, group in ran.groupby("_key", sort=True):
+        if key not in done:
+            notes.append(f"{key[0]} ({key[1]}): search not finished ({len(group)} probes ran, no record; "
+                         "interrupted?)")
+    return notes
+
+
+PROBE_OUTCOME = {"ok": "fits", "oom": "oom", "error": "error", "incomplete": "incomplete"}
+
+
+def probes_table(results: SweepResults) -> Table | None:
+    """Every probe trial of a max-batch search: the evidence behind each max batch."""
+    probes = results.probes
+    if probes.empty:
+        return None
+    probes = probes.assign(_technique=probes["technique"].astype(str)).sort_values(["_technique", "batch_size"])
+    rows = [[
+        str(t["name"]), str(t["technique"]), _num(t["batch_size"], 0), PROBE_OUTCOME.get(t["status"], t["status"]),
+        str(t["steps_reported"]), _num(t["peak_mem_mib"], 0), _num(t["tokens_per_s"], 0), _mfu(t["mfu"]),
+        str(t["oom_phase"]) if _present(t["oom_phase"]) else "-",
+    ] for _, t in probes.iterrows()]
+    return Table("Probe trials (max-batch search)",
+                 ["trial", "technique", "batch size", "outcome", "steps", "peak mem (MiB)", "tokens/s", "MFU",
+                  "OOM phase"], rows,
+                 ["A probe runs a few training steps at one batch size in a fresh process; tokens/s of so few "
+                  "steps is indicative only."])
 
 
 def _first_line(value: Any, limit: int = 120) -> str:
@@ -169,7 +289,8 @@ def _isna(value: Any) -> bool:
 
 
 def failures_tables(results: SweepResults) -> list[Table]:
-    trials = results.trials.sort_values(["batch_size", "name"])
+    """OOM, errored and unfinished training trials (a probe's OOM is an answer, not a failure)."""
+    trials = results.training().trials.sort_values(["batch_size", "name"])
     ooms = trials[trials["status"] == "oom"]
     errors = trials[trials["status"] == "error"]
     incomplete = trials[trials["status"] == "incomplete"]
@@ -191,11 +312,13 @@ def failures_tables(results: SweepResults) -> list[Table]:
 
 
 def report_tables(results: SweepResults) -> list[Table]:
-    tables = [comparison_table(results), memory_table(results), baseline_table(results), best_table(results)]
-    max_batch = max_batch_table(results)
-    if max_batch is not None:
-        tables.append(max_batch)
-    return tables + failures_tables(results)
+    training = results.training()
+    search_only = training.trials.empty and len(results.probes) > 0
+    tables = [comparison_table(results)]
+    if not search_only:
+        tables += [memory_table(training), baseline_table(training), best_table(training)]
+    tables += [t for t in (max_batch_table(results), probes_table(results)) if t is not None]
+    return tables + ([] if search_only else failures_tables(results))
 
 
 def summary_lines(results: SweepResults) -> list[str]:
@@ -204,6 +327,8 @@ def summary_lines(results: SweepResults) -> list[str]:
     status = ", ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if s in counts)
     gpus = sorted(str(g) for g in trials["gpu_name"].dropna().unique())
     lines = [f"Experiment: {results.path}", f"Trials: {len(trials)} ({status or 'none'})"]
+    if len(results.probes):
+        lines.append(f"Max-batch search: {len(results.probes)} of these trials are its probes")
     if gpus:
         lines.append(f"GPU: {', '.join(gpus)}")
     limits = trials["gpu_memory_limit_gb"].dropna()
@@ -247,6 +372,12 @@ def format_table(results: SweepResults) -> str:
     return render_text(comparison_table(results))
 
 
+def format_max_batch_table(results: SweepResults) -> str:
+    """The max-batch table as aligned text ('' when the experiment ran no search)."""
+    table = max_batch_table(results)
+    return render_text(table) if table is not None else ""
+
+
 def format_report(results: SweepResults, plot_notes: list[str] = (), markdown: bool = False) -> str:
     render = render_markdown if markdown else render_text
     header = summary_lines(results)
@@ -284,13 +415,18 @@ def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def draw_plots(results: SweepResults, out_dir: Path) -> tuple[dict[str, Path], list[str]]:
-    """Every plot in PLOTS that the data supports; the reasons for the others."""
+    """Every plot the data supports (plots 1-7 over the training trials only); the reasons for the others."""
     import matplotlib.pyplot as plt
 
     written, notes = {}, []
-    for plot in PLOTS:
+    training = results.training()
+    plots = [(plot, training) for plot in TRAINING_PLOTS] + [(plot, results) for plot in SEARCH_PLOTS]
+    if training.trials.empty and len(results.probes):
+        notes.append("Plots 1-7 skipped: no training trials (a max-batch search; its probes are not compared).")
+        plots = plots[len(TRAINING_PLOTS):]
+    for plot, source in plots:
         try:
-            name, fig = plot(results)
+            name, fig = plot(source)
         except SkipPlot as skip:
             notes.append(str(skip))
             continue

@@ -1,5 +1,6 @@
 """analysis on a real Ray Tune experiment: a small function trainable reporting Contract 2's keys, with one
-trial that runs out of memory (final OOM report) and one that raises (Tune ERROR)."""
+trial that runs out of memory (final OOM report) and one that raises (Tune ERROR); plus a small max-batch search
+experiment (probe trials + max_batch.json) as `sweep.max_batch` writes it."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,9 @@ CASES = [
 ]
 MEMORY_FACTOR = {"baseline": 100.0, "bf16_flash": 40.0, "bf16_window16": 50.0, "bf16_window8": 45.0, "gradcp": 60.0}
 SPEED_FACTOR = {"baseline": 1.0, "bf16_flash": 2.5, "bf16_window16": 2.0, "bf16_window8": 2.1, "gradcp": 0.7}
+COMPILED = {"bf16_flash"}  # torch.compile works in steps 1-2: both are flagged warm-up
+LEGACY = {"bf16_window8"}  # reports no warm-up/compile/MFU keys, like trainables before them: the fallback rule
+FLOPS_PER_TOKEN, PEAK_FLOPS = 1.0e6, 1.0e10
 
 
 def step_memory(technique: str, batch_size: int, step: int) -> float:
@@ -34,6 +38,19 @@ def step_speed(technique: str, batch_size: int, step: int) -> float:
     """Step 1 is slow (warm-up); later steps vary, so the median is a real median."""
     base = 1000.0 * SPEED_FACTOR[technique] * batch_size
     return base / 10 if step == 1 else base + 10 * ((step * 7) % 5)
+
+
+def is_warmup(technique: str, step: int) -> bool:
+    return step == 1 or (technique in COMPILED and step <= 2)
+
+
+def speed_keys(technique: str, step: int, speed: float) -> dict:
+    """The warm-up flag, compile time and MFU a current trainable reports with each step (none when LEGACY)."""
+    if technique in LEGACY:
+        return {}
+    compiling = technique in COMPILED and step <= 2
+    return {"warmup": is_warmup(technique, step), "compiling": compiling, "mfu": speed * FLOPS_PER_TOKEN / PEAK_FLOPS,
+            "compile_time_s": 0.5 * min(step, 2) if technique in COMPILED else 0.0}
 
 
 def fake_trial(config: dict) -> None:
@@ -49,6 +66,9 @@ def fake_trial(config: dict) -> None:
         "seq_len": SEQ_LEN, "num_params": 123456, "device": "cpu", "gpu_name": "Fake GPU", "gpu_total_mib": 2048.0,
         "gpu_memory_limit_gb": 1.0, "torch_version": "2.x", "cuda_version": None,
     }
+    if technique not in LEGACY:
+        facts |= {"compile": technique in COMPILED, "loss_fn": "standard", "model_flops_per_token": FLOPS_PER_TOKEN,
+                  "peak_flops": PEAK_FLOPS}
     last = None
     for step in range(1, NUM_STEPS + 1):
         if ending == "oom" and step == 3:
@@ -65,13 +85,15 @@ def fake_trial(config: dict) -> None:
             "step_time_s": bs * SEQ_LEN / speed, "tokens_per_s": speed,
             "mem_fwd_peak_mib": memory - 10, "mem_bwd_peak_mib": memory, "mem_step_peak_mib": memory,
             "mem_allocated_mib": 20.0, "mem_reserved_mib": memory + 30, "oom": False,
+            **speed_keys(technique, step, speed),
         }
         if step == 4:
             last |= {"val_loss": 4.0, "val_ppl": 54.6}
         tune.report({**facts, **last})
         last.pop("val_loss", None), last.pop("val_ppl", None)
     val_loss = 3.0 + 0.01 * bs + (0.2 if "window" in technique else 0.0)
-    tune.report({**facts, **last, "final": True, "status": "ok", "train_time_s": 1.25 * bs,
+    steady = {} if technique in LEGACY else {"steady_tokens_per_s": 777.0 * bs, "steady_mfu": 0.25}
+    tune.report({**facts, **last, **steady, "final": True, "status": "ok", "train_time_s": 1.25 * bs,
                  "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
 
 
@@ -88,26 +110,52 @@ MAX_BATCH = [
 ]
 
 
-@pytest.fixture(scope="module")
-def experiment(ray_local, tmp_path_factory) -> Path:
+# A max-batch search as sweep.max_batch writes it: probe trials named probe_<label>_bsN and the newer record
+# fields; bf16_window16's search was interrupted (probes ran, no record).
+PROBE_CASES = [("baseline", 4, "ok"), ("baseline", 8, "oom"), ("bf16_flash", 8, "ok"), ("bf16_window16", 4, "ok")]
+SEARCH_RECORDS = [
+    {"technique": "baseline", "preset": "baseline", "window": None, "max_batch_size": 4, "peak_mem_mib": 412.0,
+     "probes": 2, "rounds": 1, "wall_time_s": 5.5, "gpu_memory_limit_gb": 1.0, "status": "ok", "error": None,
+     "hit_upper_bound": False, "parallelism": 2, "seq_len": SEQ_LEN, "outcomes": {"4": "fits", "8": "oom"},
+     "seeded": True, "predicted_max_batch": 5, "predicted_budget_mib": 1024.0, "unseeded_probes": 7,
+     "unseeded_rounds": 4},
+    {"technique": "bf16_flash", "preset": "flash", "window": None, "max_batch_size": 8, "peak_mem_mib": 333.0,
+     "probes": 1, "rounds": 1, "wall_time_s": 2.5, "gpu_memory_limit_gb": 1.0, "status": "ok", "error": None,
+     "hit_upper_bound": True, "parallelism": 2, "seq_len": SEQ_LEN, "outcomes": {"8": "fits"}, "seeded": True,
+     "predicted_max_batch": 9, "predicted_budget_mib": 1024.0, "unseeded_probes": 5, "unseeded_rounds": 3},
+]
+
+
+def run_fake_experiment(storage: Path, name: str, cases: list, prefix: str = "", stop=None) -> Path:
     from ray import cloudpickle, tune
 
     # Ray's workers cannot import this test module: ship the trainable (and its helpers) by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    storage = tmp_path_factory.mktemp("tune")
     tuner = tune.Tuner(
         fake_trial,
-        param_space={"case": tune.grid_search(CASES)},
+        param_space={"case": tune.grid_search(cases)},
         tune_config=tune.TuneConfig(
             reuse_actors=True,  # one worker process per CPU, not per trial: keeps the test fast
-            trial_name_creator=lambda t: f"{t.config['case'][0]}_bs{t.config['case'][1]}",
-            trial_dirname_creator=lambda t: f"{t.config['case'][0]}_bs{t.config['case'][1]}_{t.trial_id}",
+            trial_name_creator=lambda t: f"{prefix}{t.config['case'][0]}_bs{t.config['case'][1]}",
+            trial_dirname_creator=lambda t: f"{prefix}{t.config['case'][0]}_bs{t.config['case'][1]}_{t.trial_id}",
         ),
-        run_config=tune.RunConfig(storage_path=str(storage), name="fake_sweep", verbose=0, stop=stop_interrupted),
+        run_config=tune.RunConfig(storage_path=str(storage), name=name, verbose=0, stop=stop),
     )
     tuner.fit()
-    path = storage / "fake_sweep"
+    return storage / name
+
+
+@pytest.fixture(scope="module")
+def experiment(ray_local, tmp_path_factory) -> Path:
+    path = run_fake_experiment(tmp_path_factory.mktemp("tune"), "fake_sweep", CASES, stop=stop_interrupted)
     (path / "max_batch.json").write_text(json.dumps(MAX_BATCH))
+    return path
+
+
+@pytest.fixture(scope="module")
+def search_experiment(ray_local, tmp_path_factory) -> Path:
+    path = run_fake_experiment(tmp_path_factory.mktemp("search"), "fake_search", PROBE_CASES, prefix="probe_")
+    (path / "max_batch.json").write_text(json.dumps(SEARCH_RECORDS))
     return path
 
 
@@ -152,10 +200,20 @@ def test_numbers_match_what_trials_reported(results):
         assert row["batch_size"] == bs and row["technique"] == technique
         assert row["num_params"] == 123456 and row["gpu_name"] == "Fake GPU"
         if ending == "ok":
-            warm = min(3, NUM_STEPS // 2)
-            speeds = pd.Series([step_speed(technique, bs, s) for s in range(warm + 1, NUM_STEPS + 1)])
+            if technique in LEGACY:  # no warm-up flag: the first 3 steps are skipped
+                rule, measured = "skip_first_3", range(4, NUM_STEPS + 1)
+                assert pd.isna(row["mfu"]) and pd.isna(row["steady_tokens_per_s"]) and pd.isna(row["compile_time_s"])
+            else:
+                rule, measured = "warmup_flag", [s for s in range(1, NUM_STEPS + 1) if not is_warmup(technique, s)]
+                median_speed = pd.Series([step_speed(technique, bs, s) for s in measured]).median()
+                assert row["mfu"] == pytest.approx(median_speed * FLOPS_PER_TOKEN / PEAK_FLOPS)
+                assert row["steady_tokens_per_s"] == 777.0 * bs and row["steady_mfu"] == 0.25
+                assert row["compile_time_s"] == (1.0 if technique in COMPILED else 0.0)
+                assert row["compile"] == (technique in COMPILED) and row["loss_fn"] == "standard"
+            speeds = pd.Series([step_speed(technique, bs, s) for s in measured])
             assert row["tokens_per_s"] == pytest.approx(speeds.median())
-            assert row["speed_warmup_steps"] == warm
+            assert row["speed_rule"] == rule
+            assert row["speed_warmup_steps"] == NUM_STEPS - len(measured)
             assert row["val_loss"] == pytest.approx(3.0 + 0.01 * bs + (0.2 if "window" in technique else 0.0))
             assert row["train_time_s"] == pytest.approx(1.25 * bs)
             assert row["final_loss"] == pytest.approx(6.0 - 0.5 * NUM_STEPS + 0.1 * bs)
@@ -194,7 +252,7 @@ def test_write_report_writes_every_file(results, tmp_path):
         "comparison_report.txt", "comparison_report.md", "trials.csv", "steps.parquet", "max_batch.csv",
         "1_memory_vs_batch_size.png", "2_speed_vs_batch_size.png", "3_memory_speed_tradeoff.png",
         "4_technique_comparison_bs4.png", "5_window_size_comparison.png", "6_memory_savings_vs_baseline.png",
-        "7_loss_curves.png",
+        "7_loss_curves.png", "8_max_batch.png",
     }
     assert set(written) == expected
     for name, path in written.items():
@@ -206,8 +264,17 @@ def test_write_report_writes_every_file(results, tmp_path):
     text = (tmp_path / "comparison_report.txt").read_text()
     for needle in ("baseline_bs8", "backward", "CUDA out of memory", "Incomplete trials", "bf16_flash_bs8",
                    "gradcp_bs4", "ValueError: synthetic failure at step 3", "Versus baseline (baseline)",
-                   "Max batch size that fits", "Compared at batch size 4"):
-        assert needle in text
+                   "Max batch size that fits", "Compared at batch size 4", "MFU", "compile (s)",
+                   # the legacy trial is named as the one that fell back to the skip-first-steps rule
+                   "these trials predate the warm-up flag): bf16_window8_bs4"):
+        assert needle in text, needle
+    from analysis.report import comparison_table
+
+    table = comparison_table(results)
+    cells = {(r[0], r[1]): dict(zip(table.headers, r)) for r in table.rows}
+    assert cells[("bf16_flash", "4")]["compile (s)"] == "1.0" and cells[("baseline", "4")]["compile (s)"] == "off"
+    assert cells[("bf16_window8", "4")]["compile (s)"] == "-" and cells[("bf16_window8", "4")]["MFU"] == "-"
+    assert cells[("bf16_flash", "4")]["MFU"] == f"{100 * by_name(results).loc['bf16_flash_bs4', 'mfu']:.1f}%"
     # bf16_flash at bs4 uses 40/100 of the baseline's memory per sequence: a 60% saving (+/- the step offsets).
     base, flash = by_name(results).loc["baseline_bs4"], by_name(results).loc["bf16_flash_bs4"]
     saving = 100 * (1 - flash["peak_mem_mib"] / base["peak_mem_mib"])
@@ -251,3 +318,81 @@ def test_not_an_experiment_is_one_line_exit_2(make_path, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert not (tmp_path / "analysis").exists()
+
+
+def test_max_batch_search_experiment(search_experiment, tmp_path):
+    """Probe trials are listed (kind probe) but not compared as training runs; the report has the search's
+    section with the prediction and the seeded vs unseeded cost, and plot 8 is the only plot."""
+    from analysis.__main__ import main
+    from analysis import load
+
+    results = load(search_experiment)
+    trials = by_name(results)
+    assert sorted(trials.index) == sorted(f"probe_{t}_bs{bs}" for t, bs, _ in PROBE_CASES)
+    assert (trials["kind"] == "probe").all() and len(results.probes) == len(PROBE_CASES)
+    assert results.training().trials.empty
+    assert main([str(search_experiment), "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["8_max_batch.png"]
+    text = (tmp_path / "comparison_report.txt").read_text()
+    for needle in ("this experiment is a max-batch search (4 probe trials", "Max batch size that fits",
+                   "Probe trials (max-batch search)", "probe_baseline_bs8", "Plots 1-7 skipped",
+                   "bf16_window16 (1 GB): search not finished (1 probes ran",
+                   "Seeded by the memory model: 3 probes in 2 rounds; the unseeded search would have run 12 probes "
+                   "in 7 rounds"):
+        assert needle in text, needle
+    assert "OOM trials" not in text  # a probe's OOM is the search's answer, not a failure
+    from analysis.report import max_batch_table
+
+    rows = {r[0]: r for r in max_batch_table(results).rows}
+    # technique, window, GPU limit, max batch, peak, predicted, probes/rounds, unseeded, parallelism, ...
+    assert rows["baseline"][2:9] == ["1 GB", "4", "412", "5", "2/1", "7/4", "2"]
+    assert rows["bf16_flash"][3] == ">=8"  # the search hit its upper bound
+    assert "| baseline | - | 1 GB | 4 |" in (tmp_path / "comparison_report.md").read_text()
+
+
+def test_combined_experiments(experiment, search_experiment):
+    from analysis import load, load_many
+
+    both = load_many([experiment, search_experiment])
+    assert len(both.trials) == len(CASES) + len(PROBE_CASES)
+    assert set(both.trials["experiment"]) == {"fake_sweep", "fake_search"}
+    assert len(both.max_batch) == len(MAX_BATCH) + len(SEARCH_RECORDS)
+    assert len(both.training().trials) == len(CASES)
+    assert len(both.steps) == len(load(experiment).steps) + len(load(search_experiment).steps)
+
+
+def test_plot_max_batch_groups_memory_limits():
+    from analysis import SweepResults
+    from analysis.plots import plot_max_batch
+
+    records = pd.DataFrame([
+        {"technique": "baseline", "max_batch_size": 150, "gpu_memory_limit_gb": 32.0, "predicted_max_batch": 140},
+        {"technique": "bf16_flash", "max_batch_size": 260, "gpu_memory_limit_gb": 32.0, "predicted_max_batch": None},
+        {"technique": "bf16_flash", "max_batch_size": 1240, "gpu_memory_limit_gb": None, "predicted_max_batch": 1157},
+        {"technique": "gradcp", "max_batch_size": None, "gpu_memory_limit_gb": None, "status": "error"},
+    ])
+    trials = pd.DataFrame({"gpu_name": ["H200"], "kind": ["train"]})
+    name, fig = plot_max_batch(SweepResults(path="x", trials=trials, steps=pd.DataFrame(), max_batch=records))
+    ax = fig.axes[0]
+    assert name == "8_max_batch.png"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bf16_flash", "baseline", "gradcp"]
+    assert sorted(p.get_height() for p in ax.patches) == [0.0, 150, 260, 1240]
+    labels = ax.get_legend_handles_labels()[1]
+    assert {"32 GB limit", "full GPU", "predicted by the memory model"} <= set(labels)
+    assert "error" in [t.get_text() for t in ax.texts]
+
+
+@pytest.mark.parametrize("limit_gb, total_mib, line", [(1.0, 1e6, True), (None, 1e6, False), (None, 1500.0, True)])
+def test_memory_plot_draws_the_limit_only_when_it_matters(results, limit_gb, total_mib, line):
+    """An emulated limit is always drawn; the GPU's total only when the data reaches half of it (else the
+    curves would be squashed), and then the title names it."""
+    from analysis import SweepResults
+    from analysis.plots import plot_memory_vs_batch
+
+    trials = results.trials.assign(gpu_memory_limit_gb=limit_gb, gpu_total_mib=total_mib)
+    _, fig = plot_memory_vs_batch(SweepResults(path=results.path, trials=trials, steps=results.steps))
+    ax = fig.axes[0]
+    limit_lines = [ln for ln in ax.get_lines() if "memory" in str(ln.get_label())]
+    assert bool(limit_lines) == line
+    assert ("MiB total" in ax.get_title()) == (not line)
+    assert ax.get_ylim()[1] < 2 * trials["peak_mem_mib"].max() or line

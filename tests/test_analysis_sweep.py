@@ -58,10 +58,13 @@ def test_sweep_trials_match_their_per_step_reports(sweep_experiment):
         steps = results.steps[results.steps["name"] == name].sort_values("step")
         assert steps["step"].tolist() == list(range(1, MAX_STEPS + 1))  # the last step is the final report
         assert trial["steps_reported"] == MAX_STEPS
-        after_warmup = steps[steps["step"] > trial["speed_warmup_steps"]]
-        assert trial["speed_warmup_steps"] == 3
+        # speed skips exactly the steps the trainable flagged as warm-up (the process's first step, no compile)
+        after_warmup = steps[steps["warmup"] == False]  # noqa: E712
+        assert trial["speed_rule"] == "warmup_flag" and trial["speed_warmup_steps"] == 1
+        assert steps["warmup"].tolist() == [True] + [False] * (MAX_STEPS - 1)
         assert trial["tokens_per_s"] == pytest.approx(after_warmup["tokens_per_s"].median())
         assert trial["step_time_median_s"] == pytest.approx(after_warmup["step_time_s"].median())
+        assert trial["compile"] == False and trial["compile_time_s"] == 0.0  # noqa: E712
         final = steps[steps["final"] == True].iloc[-1]  # noqa: E712
         assert trial["val_ppl"] == pytest.approx(final["val_ppl"])
         assert trial["final_loss"] == pytest.approx(final["loss"])
