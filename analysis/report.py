@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -390,8 +389,8 @@ def format_report(results: SweepResults, plot_notes: list[str] = (), markdown: b
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Write through a temporary sibling and rename, so no reader ever sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
+    # Not mkstemp: its 0600 mode would survive the rename and hide reports from the rest of a team.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         write(Path(tmp))
         os.replace(tmp, path)

@@ -396,3 +396,19 @@ def test_memory_plot_draws_the_limit_only_when_it_matters(results, limit_gb, tot
     assert bool(limit_lines) == line
     assert ("MiB total" in ax.get_title()) == (not line)
     assert ax.get_ylim()[1] < 2 * trials["peak_mem_mib"].max() or line
+
+
+def test_report_files_are_readable_by_others(tmp_path):
+    """Reports are shared: atomic writes must not leave the 0600 mode of a private temp file."""
+    import os
+    import stat
+
+    from analysis.report import _atomic_write
+
+    old = os.umask(0o022)
+    try:
+        path = _atomic_write(tmp_path / "r.txt", lambda p: p.write_text("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["r.txt"]
