@@ -6,6 +6,11 @@
     python -m sweep.run --find-max-batch --granularity 8 --gpu-memory-gb 24   # starts at the predicted max batch
     python -m sweep.run --predict --gpu-memory-gb 24 --vocab-size 50257   # predicted peak + max batch, no GPU
     python -m sweep.run --resume --name seed-20250101-120000
+    python -m sweep.run --checkpoint-interval 100 --max-failures 3   # a failed trial restarts from its checkpoint
+
+Fault tolerance: every trial saves its full state (model, optimizer, scheduler, data position, RNG) every
+--checkpoint-interval steps, and a trial that fails (a killed worker, a lost node) restarts from its latest save
+up to --max-failures times, reproducing the uninterrupted run; an interrupted driver continues with --resume.
 """
 from __future__ import annotations
 
@@ -80,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus-per-trial", type=int)
     r.add_argument("--resume", action="store_true", help="continue an interrupted sweep (--name, else the latest)")
     r.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    f = p.add_argument_group("fault tolerance (a failed trial restarts from its latest checkpoint)")
+    f.add_argument("--checkpoint-interval", type=int, metavar="N",
+                   help="steps between trial checkpoints: model, optimizer, scheduler, data position, RNG "
+                        "(default 50 on GPU, 10 on CPU; 0: off)")
+    f.add_argument("--max-failures", type=int, metavar="N",
+                   help="restarts of a failed trial, each from its latest checkpoint (default 2; a resumed "
+                        "sweep keeps the value it started with)")
     b = p.add_argument_group("max-batch search")
     b.add_argument("--find-max-batch", action="store_true", help="search the largest batch size per technique")
     b.add_argument("--granularity", type=int, default=1)
@@ -100,7 +112,9 @@ def _check_modes(args: argparse.Namespace) -> None:
         raise _UsageError("--vocab-size goes with --predict (a sweep takes the vocabulary from its dataset)")
     if args.predict:
         for flag, on in (("--find-max-batch", args.find_max_batch), ("--resume", args.resume),
-                         ("--dry-run", args.dry_run), ("--no-seed", args.no_seed)):
+                         ("--dry-run", args.dry_run), ("--no-seed", args.no_seed),
+                         ("--checkpoint-interval", args.checkpoint_interval is not None),
+                         ("--max-failures", args.max_failures is not None)):
             if on:
                 raise _UsageError(f"--predict runs nothing: drop {flag}")
 
@@ -139,6 +153,8 @@ def config_from_args(argv: Sequence[str] | None = None):
         gpu=args.gpu,
         gpu_total_gb=args.gpu_total_gb,
         vocab_size=args.vocab_size,
+        checkpoint_interval=args.checkpoint_interval,
+        max_failures=args.max_failures,
     )
     return cfg, args
 

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,14 @@ SAMPLE_VOCAB = {"gpu": 2048, "cpu": 1024}
 SAMPLE_GPU_OVERRIDES = {"seq_len": 256, "max_steps": 100, "warmup_steps": 10}
 BUDGET_KEYS = ("epochs", "max_steps", "max_tokens")
 
+# Fault tolerance: a trial saves its full state every N steps and a failed trial restarts from the
+# latest save, up to MAX_FAILURES times. A CPU checkpoint of the tiny CPU-grid model costs a few ms,
+# a GPU one (a synchronising step plus a copy of the weights and optimizer state) up to a second, so
+# GPU trials save less often. Max-batch probes never checkpoint and are never retried (an OOM is the answer).
+CHECKPOINT_INTERVAL = {"gpu": 50, "cpu": 10}
+MAX_FAILURES = 2
+CHECKPOINTS_KEPT = 2
+
 
 @dataclass
 class SweepConfig:
@@ -74,6 +83,9 @@ class SweepConfig:
     gpu: str | None = None  # a name from sweep.predict.GPU_TOTAL_MIB
     gpu_total_gb: float | None = None
     vocab_size: int | None = None  # --predict without --data
+    # fault tolerance (sweeps only)
+    checkpoint_interval: int | None = None  # steps between trial checkpoints; None: CHECKPOINT_INTERVAL; 0: off
+    max_failures: int | None = None  # restarts of a failed trial from its last checkpoint; None: MAX_FAILURES
 
     @property
     def grid_given(self) -> bool:
@@ -132,13 +144,28 @@ def _default_data(seq_len: int, kind: str) -> tuple[str, int]:
     return str(Path("prepared").resolve() / f"sample-bpe{vocab}-s{seq_len}"), vocab
 
 
-def _check_data(data_dir: str, grid: list[dict[str, Any]]) -> None:
+def _check_techniques(techniques) -> None:
+    """Unknown technique names, with the closest known one (build_grid lists them all)."""
+    import difflib
+
+    from trainable import TECHNIQUES
+
+    for technique in techniques:
+        if technique not in TECHNIQUES:
+            close = difflib.get_close_matches(technique, list(TECHNIQUES), n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SweepError(f"unknown technique {technique!r}{hint}; choose from {', '.join(TECHNIQUES)}")
+
+
+def _check_data(data_dir: str, grid: list[dict[str, Any]], verify: str = "full") -> None:
+    """The dataset exists, is intact and fits the grid; "full" hashes every shard (once, before any trial:
+    trials only compare sizes, which a flipped byte passes)."""
     from data_prep import DataPrepError, open_dataset
 
     if not Path(data_dir).is_dir():
         raise SweepError(f"--data {data_dir}: no such directory (prepare one with python -m data_prep)")
     try:
-        ds = open_dataset(data_dir, verify="size")
+        ds = open_dataset(data_dir, verify=verify)
     except DataPrepError as exc:
         raise SweepError(f"--data {data_dir}: {exc}") from None
     seq_lens = {p["seq_len"] for p in grid}
@@ -153,8 +180,27 @@ def _check_data(data_dir: str, grid: list[dict[str, Any]]) -> None:
                          "use smaller batch sizes or more data")
 
 
-def plan_sweep(cfg: SweepConfig, gpus: int | None = None) -> SweepPlan:
-    """Validate the whole sweep without Ray; `gpus` = the cluster's GPUs when known (None: not yet)."""
+def _check_fault_tolerance(cfg: SweepConfig) -> None:
+    for flag, value in (("--checkpoint-interval", cfg.checkpoint_interval), ("--max-failures", cfg.max_failures)):
+        if value is not None and value < 0:
+            raise SweepError(f"{flag} must be >= 0 (0: off), got {value}")
+        if value is not None and cfg.find_max_batch:
+            raise SweepError(f"{flag} is for sweeps: max-batch probes never checkpoint and are never retried")
+
+
+def checkpoint_interval(cfg: SweepConfig, use_gpu: bool) -> int:
+    """The steps between trial checkpoints: the flag, else the default for the grid's hardware."""
+    if cfg.checkpoint_interval is not None:
+        return cfg.checkpoint_interval
+    return CHECKPOINT_INTERVAL["gpu" if use_gpu else "cpu"]
+
+
+def plan_sweep(cfg: SweepConfig, gpus: int | None = None, verify: str = "full",
+               require_gpus: bool = False) -> SweepPlan:
+    """Validate the whole sweep without Ray; `gpus` = the cluster's GPUs when known (None: not yet).
+
+    `verify`: how `--data` is checked ("full": every shard's sha256, "size": sizes only, for a re-plan).
+    `require_gpus`: a GPU grid with `gpus` == 0 is an error, raised before the data is read."""
     if cfg.device not in ("auto", "cuda", "cpu"):
         raise SweepError(f"unknown device {cfg.device!r}; choose from auto, cuda, cpu")
     if cfg.max_concurrent is not None and cfg.max_concurrent < 1:
@@ -169,12 +215,14 @@ def plan_sweep(cfg: SweepConfig, gpus: int | None = None) -> SweepPlan:
             raise SweepError(f"{flag} must be >= {low}, got {value}")
     if cfg.resume and cfg.find_max_batch:
         raise SweepError("--resume continues a sweep; a max-batch search starts afresh")
+    _check_fault_tolerance(cfg)
     if cfg.gpu is not None or cfg.gpu_total_gb is not None:
         from .predict import gpu_total_mib
 
         gpu_total_mib(cfg.gpu, cfg.gpu_total_gb)  # validates both
 
     preset_name, preset, techniques, batch_sizes, windows = grid_axes(cfg, gpus)
+    _check_techniques(techniques)
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and preset.needs_gpu)
     if cfg.device == "cpu" and preset_name == "seed":
         use_gpu = False
@@ -183,6 +231,8 @@ def plan_sweep(cfg: SweepConfig, gpus: int | None = None) -> SweepPlan:
         overrides["device"] = "cpu"
     elif cfg.device == "cuda":
         overrides["device"] = "cuda"
+    if require_gpus and gpus is not None:
+        _require_gpus(use_gpu, preset_name, cfg.address, gpus)
     if cfg.gpu_memory_gb is not None:
         if not use_gpu:
             raise SweepError("--gpu-memory-gb limits a CUDA GPU; it cannot be used with a CPU grid")
@@ -210,11 +260,13 @@ def plan_sweep(cfg: SweepConfig, gpus: int | None = None) -> SweepPlan:
 
     if cfg.find_max_batch:
         batch_sizes = (cfg.start or 1,)
+    elif "checkpoint_interval" not in cfg.overrides:
+        overrides["checkpoint_interval"] = checkpoint_interval(cfg, use_gpu)
     grid = build_grid(techniques, batch_sizes, windows, overrides=overrides, only=cfg.only, skip=cfg.skip)
     if cfg.data_dir is not None and not cfg.find_max_batch:
-        _check_data(data_dir, grid)
+        _check_data(data_dir, grid, verify)
     elif cfg.data_dir is not None:
-        _check_data(data_dir, [{**p, "batch_size": 1} for p in grid])
+        _check_data(data_dir, [{**p, "batch_size": 1} for p in grid], verify)
 
     storage = resolve_storage(cfg.storage_path)
     name = cfg.name
@@ -239,8 +291,6 @@ def plan_sweep(cfg: SweepConfig, gpus: int | None = None) -> SweepPlan:
 
 def _precheck_local_gpus(cfg: SweepConfig) -> int | None:
     """Without --address we know the local instance's GPUs before starting Ray."""
-    import os
-
     if cfg.address not in (None, "local") or (cfg.address is None and os.environ.get("RAY_ADDRESS")):
         return None
     ray = sys.modules.get("ray")  # in-process Ray already up (a notebook, the tests): ask it
@@ -249,24 +299,21 @@ def _precheck_local_gpus(cfg: SweepConfig) -> int | None:
     return local_gpus()
 
 
-def _require_gpus(plan: SweepPlan, gpus: int) -> None:
-    if plan.use_gpu and gpus == 0:
-        where = f"at {plan.cfg.address}" if plan.cfg.address else "(local instance)"
-        raise SweepError(f"the {plan.preset_name} grid needs GPUs (one per trial) but the Ray cluster {where} "
+def _require_gpus(use_gpu: bool, preset_name: str, address: str | None, gpus: int) -> None:
+    if use_gpu and gpus == 0:
+        where = f"at {address}" if address else "(local instance)"
+        raise SweepError(f"the {preset_name} grid needs GPUs (one per trial) but the Ray cluster {where} "
                          "has none: use --device cpu for a CPU grid, or --address of a GPU cluster")
 
 
 def prepare(cfg: SweepConfig) -> SweepPlan:
     """Validate (before Ray), connect to Ray, re-plan with the cluster's GPUs, prepare the sample."""
     gpus = _precheck_local_gpus(cfg)
-    plan = plan_sweep(cfg, gpus)
-    if gpus is not None:
-        _require_gpus(plan, gpus)
+    plan = plan_sweep(cfg, gpus, require_gpus=True)  # hashes every shard of --data, once
     info = connect(cfg.address)
     storage = check_storage(plan.storage, info, shared=cfg.shared_storage)
     gpus = cluster_gpus()
-    plan = replace(plan_sweep(cfg, gpus), storage=storage)
-    _require_gpus(plan, gpus)
+    plan = replace(plan_sweep(cfg, gpus, verify="size", require_gpus=True), storage=storage)
     if plan.sample is not None and not cfg.resume:
         _prepare_sample(*plan.sample)
     if cfg.data_dir is None and not cfg.resume:  # the sample: enough rows for every batch size?
@@ -290,6 +337,9 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None):
         print(plan.notice, file=sys.stderr)
     resources = trial_resources(plan.use_gpu, cfg.cpus_per_trial)
     trainable = tune.with_resources(sweep_trainable, resources)
+    # num_to_keep makes Tune snapshot the experiment state after every few checkpoints: cheap, but Tune warns
+    # about it every time short trials checkpoint often (the CPU grid's do).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     grid_file = f"{plan.path}/{GRID_FILE}"
     if cfg.resume:
         # Tune keeps the grid's sample_from lookups only in memory: hand the same param space back.
@@ -317,7 +367,10 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None):
             run_config=tune.RunConfig(
                 name=plan.name,
                 storage_path=plan.storage,
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                # A failed trial (a lost node, a killed worker) restarts from its latest checkpoint.
+                failure_config=tune.FailureConfig(
+                    max_failures=MAX_FAILURES if cfg.max_failures is None else cfg.max_failures, fail_fast=False),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                 verbose=cfg.verbose,
             ),
         )

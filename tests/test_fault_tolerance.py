@@ -1,0 +1,138 @@
+"""A trial's worker SIGKILLed mid-trial: the sweep restarts it from its last checkpoint and the run is unchanged.
+
+The driver-killed-then-`--resume` case is tests/test_sweep_resume.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, INTERVAL = 80, 10
+MODEL = {"n_layers": 2, "d_model": 64, "n_heads": 4, "ff_dim": 256, "seq_len": 64}
+TRIAL = "baseline_bs8"
+
+
+def _sweep_command(storage: Path, data: Path) -> list[str]:
+    model = [arg for key, value in MODEL.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+    return [sys.executable, "-m", "sweep.run", "--device", "cpu", "--techniques", "baseline", "--batch-sizes", "8",
+            "--max-steps", str(STEPS), "--eval-interval", "0", "--checkpoint-interval", str(INTERVAL), *model,
+            "--data", str(data), "--storage-path", str(storage), "--name", "ft", "--address", "local",
+            "--verbose", "0"]
+
+
+def _reports(result_json: Path) -> list[dict]:
+    """The trial's reports as Tune logged them (a line caught mid-write is left out)."""
+    if not result_json.is_file():
+        return []
+    reports = []
+    for line in result_json.read_text().splitlines():
+        try:
+            reports.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return reports
+
+
+def _kill_worker_mid_trial(driver: subprocess.Popen, trial_dir: Path) -> tuple[int, int]:
+    """SIGKILL the process training the trial once a checkpoint exists and a few steps have run past it.
+
+    Returns (killed pid, last step Tune had logged). Tune puts the reporting process's pid in every report.
+    """
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and driver.poll() is None:
+        reports = _reports(trial_dir / "result.json")
+        if reports and any(trial_dir.glob("checkpoint_*")) and reports[-1]["step"] >= INTERVAL + 3:
+            last = reports[-1]
+            assert last["step"] < STEPS - INTERVAL, "the trial ran too far before it could be interrupted"
+            os.kill(last["pid"], signal.SIGKILL)
+            return last["pid"], last["step"]
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpointed trial to interrupt (driver exit status {driver.poll()})")
+
+
+def _uninterrupted_losses(data: Path) -> list[float]:
+    import torch
+
+    from trainable import TrialConfig, run_trial
+
+    cfg = TrialConfig.from_dict({**MODEL, "technique": "baseline", "batch_size": 8, "max_steps": STEPS,
+                                 "eval_interval": 0, "data_dir": str(data), "device": "cpu",
+                                 # the CPU grid's other settings (sweep.grid.CPU_OVERRIDES)
+                                 "warmup_steps": 5, "eval_batches": 4, "eval_batch_size": 8})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a 1-CPU Ray worker
+    try:
+        reports: list[dict] = []
+        run_trial(cfg, reports.append)
+    finally:
+        torch.set_num_threads(threads)
+    return [r["loss"] for r in reports]
+
+
+@pytest.mark.slow
+def test_killed_trial_worker_resumes_from_its_checkpoint(sample_dataset, tmp_path):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    trial_dir = tmp_path / "ft" / TRIAL
+    log_path = tmp_path / "sweep.log"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(_sweep_command(tmp_path, sample_dataset), cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            killed_pid, killed_at = _kill_worker_mid_trial(driver, trial_dir)
+            driver.wait(timeout=120)
+        finally:
+            if driver.poll() is None:  # the driver and its local Ray share the session we created
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait()
+    assert driver.returncode == 0, log_path.read_text()[-3000:]
+
+    reports = _reports(trial_dir / "result.json")
+    first = [r for r in reports if r["pid"] == killed_pid]
+    rest = [r for r in reports if r["pid"] != killed_pid]
+    assert first and rest and len({r["pid"] for r in rest}) == 1, "expected exactly one restart"
+    assert reports == first + rest  # the restart came after everything the killed worker reported
+    # The killed worker reported 1..k contiguously; the restart continued right after a checkpoint it had saved.
+    killed_steps = [r["step"] for r in first]
+    assert killed_steps == list(range(1, len(first) + 1)) and killed_steps[-1] >= killed_at
+    resumed_from = rest[0]["step"] - 1
+    assert resumed_from % INTERVAL == 0 and INTERVAL <= resumed_from <= killed_steps[-1]
+    assert rest[0]["iterations_since_restore"] == 1
+    # The final run: the killed worker's steps up to the checkpoint, then the restart's, each step exactly once.
+    final_run = [r for r in first if r["step"] <= resumed_from] + rest
+    assert [r["step"] for r in final_run] == list(range(1, STEPS + 1))
+    assert final_run[-1]["final"] is True and final_run[-1]["status"] == "ok"
+    assert len(list(trial_dir.glob("checkpoint_*"))) <= 2  # CheckpointConfig(num_to_keep=2)
+
+    # Same numbers as a run nobody interrupted: model, optimizer, scheduler, data position and RNG all restored.
+    reference = _uninterrupted_losses(sample_dataset)
+    assert [r["loss"] for r in final_run] == pytest.approx(reference, rel=1e-6, abs=1e-7)
+    replayed = {r["step"]: r["loss"] for r in first if r["step"] > resumed_from}
+    assert replayed == pytest.approx({r["step"]: r["loss"] for r in rest if r["step"] in replayed}, rel=1e-6)
+
+
+def test_checkpoint_interval_reaches_every_trial_but_no_probe():
+    from sweep import SweepConfig, SweepError, plan_sweep
+    from sweep.runner import CHECKPOINT_INTERVAL
+
+    def intervals(**kw) -> set[int]:
+        cfg = SweepConfig(techniques=("bf16",), batch_sizes=(8, 16), data_dir=None, **kw)
+        return {p["checkpoint_interval"] for p in plan_sweep(cfg, gpus=1 if kw["device"] == "cuda" else 0).grid}
+
+    assert intervals(device="cuda") == {CHECKPOINT_INTERVAL["gpu"]}
+    assert intervals(device="cpu") == {CHECKPOINT_INTERVAL["cpu"]}
+    assert intervals(device="cpu", checkpoint_interval=0) == {0}
+    assert intervals(device="cuda", checkpoint_interval=7) == {7}
+    assert intervals(device="cuda", find_max_batch=True) == {0}  # an OOM probe never checkpoints
+    with pytest.raises(SweepError, match="probes never checkpoint"):
+        intervals(device="cuda", find_max_batch=True, max_failures=1)
+    with pytest.raises(SweepError, match="--max-failures must be >= 0"):
+        intervals(device="cpu", max_failures=-1)
