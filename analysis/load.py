@@ -223,6 +223,8 @@ def step_rows(history: pd.DataFrame) -> pd.DataFrame:
 
     The final report repeats the last step (counted once) or, after an OOM, names the step that failed (not a
     completed step); a final report is a step only when it carries a step no earlier report had and is not an OOM.
+    A trial restarted from a checkpoint reports the steps after that checkpoint twice: the later (resumed) run's
+    report is the one that counts.
     """
     if history.empty or "step" not in history:
         return pd.DataFrame()
@@ -231,7 +233,7 @@ def step_rows(history: pd.DataFrame) -> pd.DataFrame:
     is_oom = rows["oom"].eq(True) if "oom" in rows else pd.Series(False, index=rows.index)
     seen = set(rows.loc[~is_final, "step"])
     keep = ~is_final | (~is_oom & ~rows["step"].isin(seen))
-    return rows[keep].drop_duplicates(subset="step", keep="first").sort_values("step")
+    return rows[keep].drop_duplicates(subset="step", keep="last").sort_values("step")
 
 
 def warmup_steps(num_steps: int) -> int:

@@ -130,7 +130,7 @@ def _endless_batches(split, batch_size: int, seed: int):
         epoch += 1
 
 
-def plain_loop(cfg: TrialConfig, steps: int, warmup: int) -> dict:
+def plain_loop(cfg: TrialConfig, steps: int, warmup: int, on_step=None) -> dict:
     """The same model/optimizer/schedule/data path with no measurement: wall clock over `steps` steps.
     With `compile`, the same torch.compile of forward + loss the trainable makes (backward compiled too)."""
     device = _device(cfg)
@@ -165,6 +165,8 @@ def plain_loop(cfg: TrialConfig, steps: int, warmup: int) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if on_step is not None:
+                on_step()
         sync()
         seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan
@@ -295,6 +297,37 @@ def profile(args: argparse.Namespace) -> str:
     return str(out)
 
 
+def device_time(args: argparse.Namespace) -> str:
+    """Kernel time per step of the plain loop and of the trainable, for each technique (under torch.profiler).
+
+    Equal kernel time with lower throughput means the trainable leaves the GPU idle (a host stall or a sync);
+    more kernel time means the measured step does extra GPU work. Either way, this says where to look.
+    """
+    from torch.profiler import ProfilerActivity, schedule
+
+    cuda = args.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    active = max(1, args.steps - 2)
+
+    def ms_per_step(run) -> float:
+        with torch.profiler.profile(activities=activities,
+                                    schedule=schedule(wait=args.warmup, warmup=1, active=active, repeat=1)) as prof:
+            run(prof.step)
+        return sum(getattr(e, attr) for e in prof.key_averages()) / 1000.0 / active
+
+    unit = "kernel" if cuda else "CPU op (smoke run)"
+    rows = [f"| technique | plain {unit} ms/step | trainable {unit} ms/step | ratio |", "|---|---:|---:|---:|"]
+    for _, data_dir in args.datasets:
+        for spec in args.techniques.split(","):
+            cfg = trial_config(args, spec, data_dir)
+            plain = ms_per_step(lambda step: plain_loop(cfg, args.steps, args.warmup, on_step=step))
+            trainable = ms_per_step(lambda step: run_trial(cfg, lambda metrics: step()))
+            rows.append(f"| {cfg.label} | {plain:.2f} | {trainable:.2f} | {trainable / plain:.3f} |")
+            print(rows[-1], flush=True)
+    return "\n".join(rows) + "\n"
+
+
 def _bench_in_tune(config: dict) -> None:
     """Tune trial body for --report tune: the whole bench in one trial process, tune.report for real."""
     args = argparse.Namespace(**config["args"])
@@ -322,6 +355,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="TECHNIQUE", help="profile this one technique (first vocab) instead")
     p.add_argument("--profile-out", metavar="FILE", help="where the profile table goes")
     p.add_argument("--profile-rows", type=int, default=30)
+    p.add_argument("--device-time", action="store_true",
+                   help="kernel time per step of both loops (is the trainable's gap idle GPU or extra work?)")
     p.add_argument("--out", help="also write the table to this markdown file")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke run of the script only")
     args = p.parse_args(argv)
@@ -356,6 +391,12 @@ def main(argv=None) -> int:
                 trial_config(args, spec, args.datasets[0][1])  # validate every technique before any GPU work
             if args.profile:
                 print(f"profile written to {profile(args)}")
+                return 0
+            if args.device_time:
+                table = device_time(args)
+                print("\n" + table)
+                if args.out:
+                    Path(args.out).write_text(table)
                 return 0
             table = _run_under_tune(args, Path(tmp)) if args.report == "tune" else bench(args)
         except ConfigError as exc:

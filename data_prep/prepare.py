@@ -98,7 +98,7 @@ def _looks_prepared(path: Path) -> bool:
 
 def _progress(cfg: PrepareConfig, corpus: Corpus, desc: str) -> tqdm:
     return tqdm(total=corpus.num_bytes, unit="B", unit_scale=True, desc=desc, disable=not cfg.progress,
-                file=sys.stderr, leave=False)
+                file=sys.stderr, leave=False, delay=0.5)  # no bar flashes before a fast error
 
 
 def _train_split_batches(cfg: PrepareConfig, corpus: Corpus, counts: dict[str, int],

@@ -87,13 +87,17 @@ def connect(
     if ray.is_initialized():
         return describe_cluster(started_local=False)
     if not joining:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=include_dashboard,
-            log_to_driver=log_to_driver,
-        )
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                include_dashboard=include_dashboard,
+                log_to_driver=log_to_driver,
+            )
+        except (ConnectionError, RuntimeError, OSError) as e:
+            raise ClusterError(f"could not start a local Ray instance: {_first_line(e)} "
+                               "(see /tmp/ray/session_latest/logs)") from e
         return describe_cluster(started_local=True)
     _enable_token_mode_if_token_available()
     if not address.startswith("ray://"):

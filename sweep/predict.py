@@ -130,26 +130,12 @@ def predicted_max_batch(cfg: Any, budget: MemoryBudget | float, *, limit: int = 
     """Largest batch size (<= limit) whose predicted reserved memory fits the budget; 0 if none does.
 
     `cfg`: a TrialConfig, a flat dict or a MemorySpec with `vocab_size` set. A float budget is the
-    allocator's MiB. The predicted peak grows with the batch size, so galloping + bisection is exact.
+    allocator's MiB.
     """
-    from trainable.memory_model import predict_peak_memory, to_spec
+    from trainable.memory_model import predict_max_batch_size
 
     budget_mib = budget.allocator_mib if isinstance(budget, MemoryBudget) else float(budget)
-    spec = to_spec(cfg)
-
-    def fits(b: int) -> bool:
-        return reserved_mib(predict_peak_memory(spec.with_batch_size(b))) <= budget_mib
-
-    if not fits(1):
-        return 0
-    low, high = 1, 2
-    while high <= limit and fits(high):
-        low, high = high, high * 2
-    high = min(high, limit + 1)
-    while high - low > 1:  # fits(low); high fails or lies beyond the limit
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    return predict_max_batch_size(cfg, budget_mib, limit=limit, footprint=reserved_mib)
 
 
 def _round(value: Any) -> Any:

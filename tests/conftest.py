@@ -26,6 +26,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors run fastest single-threaded, and stay fast on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory) -> Path:
     """The shipped Polish sample prepared with a small BPE vocabulary and short rows (fast on CPU)."""

@@ -412,3 +412,20 @@ def test_report_files_are_readable_by_others(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["r.txt"]
+
+
+def test_a_restarted_trial_counts_each_step_once_from_its_resumed_run():
+    """Steps after the last checkpoint are reported by the killed attempt and again by the resumed one."""
+    import pandas as pd
+
+    from analysis.load import step_rows
+
+    history = pd.DataFrame({
+        "step": [1, 2, 3, 4, 3, 4, 5, 5],
+        "loss": [9.0, 8.0, 7.5, 7.0, 7.4, 6.9, 6.5, 6.5],  # killed after step 4; resumed from the step-2 checkpoint
+        "final": [False] * 7 + [True],
+        "oom": [False] * 8,
+    })
+    rows = step_rows(history)
+    assert rows["step"].tolist() == [1, 2, 3, 4, 5]
+    assert rows["loss"].tolist() == [9.0, 8.0, 7.4, 6.9, 6.5]

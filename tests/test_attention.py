@@ -12,13 +12,7 @@ from trainable.attention import eager_attention, flex_attention_kernel, sdpa_att
 
 B, H, T, D = 2, 3, 24, 8
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run fastest single-threaded, and stay fast on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

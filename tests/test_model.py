@@ -9,13 +9,7 @@ from trainable.losses import standard_cross_entropy
 
 TINY = ModelConfig(vocab_size=97, seq_len=32, n_layers=2, d_model=32, n_heads=4, ff_dim=64)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run fastest single-threaded, and stay fast on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

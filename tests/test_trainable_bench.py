@@ -5,7 +5,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 from trainable import ConfigError
 
@@ -22,12 +21,7 @@ def bench():
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_technique_specs(bench):
@@ -66,3 +60,11 @@ def test_bad_technique_is_one_line_exit_2(bench, capsys):
     assert bench.main([*TINY, "--techniques", "flash+bogus"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("bench_trainable: error: unknown modifier +bogus") and "\n" not in err
+
+
+def test_device_time_compares_both_loops(bench, tmp_path):
+    out = tmp_path / "device_time.md"
+    assert bench.main([*TINY, "--device-time", "--techniques", "baseline", "--out", str(out)]) == 0
+    row = out.read_text().splitlines()[-1].split("|")
+    plain, trainable = float(row[2]), float(row[3])
+    assert plain > 0 and trainable > 0

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from trainable.cli import build_parser, config_from_args, main
 
@@ -14,12 +13,7 @@ TINY = ["--device", "cpu", "--n-layers", "2", "--d-model", "32", "--n-heads", "4
         "--seq-len", "64", "--batch-size", "4", "--warmup-steps", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_seed_flags_map_onto_switches():

@@ -19,12 +19,7 @@ from trainable.observe import GAUGES, TAG_KEYS
 SMALL = ModelConfig(vocab_size=512, seq_len=64, n_layers=2, d_model=32, n_heads=4, ff_dim=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(data, **kw) -> TrialConfig:

@@ -20,13 +20,7 @@ FACT_KEYS = {
 MEM_KEYS = {k for k in STEP_KEYS if k.startswith("mem_")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, and stay fast on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(data, **kw) -> TrialConfig:

@@ -357,12 +357,16 @@ def predict_peak_memory(cfg: Any = None, *, constants: MemoryConstants = DEFAULT
 
 def predict_max_batch_size(cfg: Any = None, budget_mib: float = 0.0, *,
                            constants: MemoryConstants = DEFAULT_CONSTANTS, limit: int = 1 << 20,
+                           footprint: Callable[[MemoryBreakdown], float] = lambda b: b.peak_mib,
                            **overrides: Any) -> int:
-    """Largest batch size whose predicted peak fits `budget_mib` (0 if none does); peak is monotone in b."""
+    """Largest batch size whose predicted `footprint` (default: the peak) fits `budget_mib`; 0 if none does.
+
+    The footprint grows with the batch size, so galloping + bisection is exact.
+    """
     spec = to_spec(cfg, **overrides)
 
     def fits(b: int) -> bool:
-        return predict_peak_memory(spec.with_batch_size(b), constants=constants).peak_mib <= budget_mib
+        return footprint(predict_peak_memory(spec.with_batch_size(b), constants=constants)) <= budget_mib
 
     if not fits(1):
         return 0
