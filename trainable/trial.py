@@ -579,7 +579,11 @@ def run_trial(cfg: TrialConfig, report: Report, *, checkpoint_io: CheckpointIO |
 
 def tune_trainable(config: dict) -> None:
     """Ray Tune function trainable: one trial per config dict (see TrialConfig for the keys)."""
+    import logging
+
     from ray import tune
 
+    # One INFO line per checkpoint would flood the driver's console; the results keep every checkpoint's path.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cfg = TrialConfig.from_dict(config)
     run_trial(cfg, tune.report, checkpoint_io=TuneCheckpointIO())
