@@ -222,3 +222,31 @@ def test_fused_ce_lowers_the_peak_at_a_large_vocab(tmp_path):
     _, fused = run(trial(data, technique="fused_ce", seq_len=128, batch_size=256, max_steps=3))
     assert fused["technique"] == "bf16_flash_fusedce" and fused["loss"] == pytest.approx(standard["loss"], rel=2e-2)
     assert fused["mem_step_peak_mib"] < 0.8 * standard["mem_step_peak_mib"]
+
+
+SYNC_FREE_CASES = [dict(technique="baseline"), dict(technique="flash"), dict(technique="window", window=16),
+                   dict(technique="gradcp"), dict(technique="fused_ce"), dict(technique="bf16", checkpointing="selective"),
+                   dict(technique="flash_compile"), dict(technique="fused_ce_compile")]
+
+
+@pytest.mark.parametrize("switches", SYNC_FREE_CASES, ids=lambda s: "-".join(map(str, s.values())))
+def test_training_steps_never_wait_for_the_gpu_beyond_the_reported_step(sample_dataset, switches):
+    """Between reports, any host-GPU synchronisation (`.item()` on a CUDA tensor, a blocking copy, a
+    stream sync) raises under sync-debug mode "error"; only the reported step's CUDA event is waited on.
+    A sync there would idle the GPU every step and is what made the trainable slower than a plain loop."""
+    steps = 8
+    seen = []
+
+    def report(metrics):
+        seen.append(metrics["step"])
+        if metrics["step"] == 2:  # step 3 is queued: from here every step is steady state
+            torch.cuda.set_sync_debug_mode("error")
+        if metrics["step"] == steps - 1:  # the last step evaluates, which synchronises by design
+            torch.cuda.set_sync_debug_mode("default")
+
+    try:
+        final = run_trial(trial(sample_dataset, max_steps=steps, **switches), report)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert final["status"] == "ok" and seen == list(range(1, steps + 1))
+    assert all(math.isfinite(loss) for loss in (final["loss"], final["val_loss"]))

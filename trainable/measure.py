@@ -121,6 +121,19 @@ class HostTimer:
         return span[1] - span[0]
 
 
+def to_host_async(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of `tensor` that is valid once the GPU has passed this point (the step's stop event).
+
+    `.item()` on a CUDA tensor copies on the current stream, behind everything queued since: read one
+    step later, it would wait for the NEXT step to finish and leave the GPU idle while the host queues
+    the one after. A pinned copy queued with the step is read for free once the step's event is done.
+    """
+    tensor = tensor.detach()
+    if tensor.device.type != "cuda":
+        return tensor
+    return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor, non_blocking=True)
+
+
 def probes_for(device: torch.device) -> tuple[MemoryProbe, CudaTimer | HostTimer]:
     if device.type == "cuda":
         return CudaMemory(device), CudaTimer()

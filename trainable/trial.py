@@ -7,7 +7,9 @@ Contract 2 keys (docs/architecture.md). What it guarantees:
   same data order (the reader's permutation depends on seed and epoch only) for every technique
   and batch size; validation is always the first `eval_batches * eval_batch_size` val rows.
 * Cheap measurement: per-phase peaks come from the allocator's host-side counters; step k is
-  reported only after step k + 1 has been queued, so reading its loss and timing never idles the
+  reported only after step k + 1 has been queued, and its loss is read from a pinned host copy
+  queued with the step (never `.item()` on the GPU tensor, which would wait for step k + 1 too),
+  so the training loop never synchronises with more than the step it reports and never idles the
   GPU. Only eval and checkpoint steps are reported right away (they synchronise anyway).
 * Compilation is not speed: with the `compile` switch (or the flex kernel, always compiled on CUDA)
   the steps during which torch.compile ran are reported with `compiling: True`; every step with
@@ -46,7 +48,7 @@ from .config import TrialConfig, technique_label
 from .errors import ConfigError
 from .flops import mfu, model_flops_per_token, peak_bf16_flops
 from .losses import LOSSES
-from .measure import NOT_MEASURED, gpu_facts, is_oom_error, probes_for
+from .measure import NOT_MEASURED, gpu_facts, is_oom_error, probes_for, to_host_async
 from .model import GPT, ModelConfig
 from .observe import RayMetricsExporter
 from .precision import PRECISIONS, Precision, tf32_matmuls
@@ -211,7 +213,7 @@ class StepRecord:
     """A queued step whose numbers are read later (device tensors and timing handles)."""
 
     step: int
-    loss: torch.Tensor
+    loss: torch.Tensor  # on the host (pinned), valid once `span` has ended
     lr: float
     span: Any
     mem: dict[str, float]
@@ -408,6 +410,7 @@ class _Trial:
         self.scheduler.step()
         self.step_mem["mem_opt_peak_mib"] = memory.peak_mib()
 
+        loss = to_host_async(loss)  # queued before the stop event, so valid once the step time is read
         span = self.timer.stop(started)
         mem = dict(self.step_mem)
         peaks = list(mem.values())
@@ -418,11 +421,11 @@ class _Trial:
             compiling = self.compile_watch.events > compile_events
         else:  # no compilation callbacks in this torch: assume compile work happens in the first step
             compiling = self.cfg.compile and step == self.first_step
-        return StepRecord(step, loss.detach(), lr, span, mem, compiling=compiling,
+        return StepRecord(step, loss, lr, span, mem, compiling=compiling,
                           warmup=compiling or step == self.first_step)
 
     def _step_metrics(self, record: StepRecord) -> dict[str, Any]:
-        """The report of a queued step; reading the loss and the timer waits for that step only."""
+        """The report of a queued step; reading the timer waits for that step only (and makes its loss valid)."""
         seconds = self.timer.seconds(record.span)
         tokens = self.cfg.tokens_per_step
         tokens_per_s = tokens / seconds if seconds > 0 else math.inf
