@@ -23,7 +23,7 @@ TRIAL_NAMES = {"baseline": "baseline_bs8", "flash": "bf16_flash_bs8"}
 # (device, technique, model, relative loss tolerance against the uninterrupted run). CPU kernels are
 # bit-reproducible; on a GPU some backward kernels accumulate with atomics: runs agree to rounding, not to the bit.
 DEVICES = [pytest.param("cpu", "baseline", TINY, 1e-6, id="cpu"),
-           pytest.param("cuda", "flash", SEED_WIDTH, 2e-3, id="cuda", marks=pytest.mark.cuda)]
+           pytest.param("cuda", "flash", SEED_WIDTH, 1e-2, id="cuda", marks=pytest.mark.cuda)]
 
 
 def _sweep_command(storage: Path, data: Path, device: str, technique: str, model: dict) -> list[str]:
@@ -64,15 +64,15 @@ def _kill_worker_mid_trial(driver: subprocess.Popen, trial_dir: Path) -> tuple[i
     raise AssertionError(f"no checkpointed trial to interrupt (driver exit status {driver.poll()})")
 
 
-def _uninterrupted_losses(data: Path, device: str, technique: str, model: dict) -> list[float]:
+def _uninterrupted_losses(trial_dir: Path) -> list[float]:
+    """The losses of the trial's own config (Tune's params.json: grid overrides included) run without a kill."""
     import torch
 
+    from sweep.tuning import GRID_KEY
     from trainable import TrialConfig, run_trial
 
-    cfg = TrialConfig.from_dict({**model, "technique": technique, "batch_size": 8, "max_steps": STEPS,
-                                 "eval_interval": 0, "data_dir": str(data), "device": device,
-                                 # the CPU grid's other settings (sweep.grid.CPU_OVERRIDES)
-                                 "warmup_steps": 5, "eval_batches": 4, "eval_batch_size": 8})
+    params = json.loads((trial_dir / "params.json").read_text())
+    cfg = TrialConfig.from_dict({k: v for k, v in params.items() if k != GRID_KEY})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a 1-CPU Ray worker
     try:
@@ -120,7 +120,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(sample_dataset, tmp_pat
     assert len(list(trial_dir.glob("checkpoint_*"))) <= 2  # CheckpointConfig(num_to_keep=2)
 
     # Same numbers as a run nobody interrupted: model, optimizer, scheduler, data position and RNG all restored.
-    reference = _uninterrupted_losses(sample_dataset, device, technique, model)
+    reference = _uninterrupted_losses(trial_dir)
     assert [r["loss"] for r in final_run] == pytest.approx(reference, rel=rel, abs=1e-7)
     replayed = {r["step"]: r["loss"] for r in first if r["step"] > resumed_from}
     assert replayed == pytest.approx({r["step"]: r["loss"] for r in rest if r["step"] in replayed}, rel=rel)
