@@ -141,6 +141,9 @@ def _open_experiment(path: str):
     is_uri = "://" in path
     if not is_uri and not Path(path).is_dir():
         raise AnalysisError(f"{path}: no such directory (expected a Ray Tune experiment directory STORAGE/NAME)")
+    shown = path
+    if not is_uri:  # Ray's filesystem layer reads a relative path as a URI without a scheme
+        path = str(Path(path).resolve())
     from ray.tune import ExperimentAnalysis, ResultGrid
 
     try:
@@ -157,7 +160,7 @@ def _open_experiment(path: str):
         if "experiment snapshot file" in first or "No experiment" in first:
             first = "no experiment_state-*.json found"
         raise AnalysisError(
-            f"{path}: not a Ray Tune experiment directory ({first}); pass the sweep's STORAGE/NAME directory"
+            f"{shown}: not a Ray Tune experiment directory ({first}); pass the sweep's STORAGE/NAME directory"
         ) from None
     return ResultGrid(analysis), analysis.trials
 

@@ -244,6 +244,16 @@ def test_loads_through_a_storage_uri(experiment, results):
     assert len(remote.steps) == len(results.steps) and len(remote.max_batch) == 2
 
 
+def test_loads_a_relative_path(experiment, results, monkeypatch):
+    """`python -m analysis results/NAME` from the working directory, as the sweep prints it."""
+    from analysis import load
+
+    monkeypatch.chdir(experiment.parent)
+    relative = load(experiment.name)
+    assert relative.trials["status"].tolist() == results.trials["status"].tolist()
+    assert relative.path == str(experiment.resolve())
+
+
 def test_write_report_writes_every_file(results, tmp_path):
     from analysis import format_table, write_report
 
