@@ -162,6 +162,8 @@ def predict_point(point: dict[str, Any], budget: MemoryBudget, *, granularity: i
         "precision": cfg.precision, "checkpointing": cfg.checkpointing, "loss": cfg.loss, "kernel": None,
         "predicted_peak_mib": None, "predicted_reserved_mib": None, "fits": None, "predicted_max_batch": None,
         "budget_mib": round(budget.allocator_mib, 1), "gpu_memory_gb": budget.gpu_memory_gb, "error": None,
+        # torch.compile is not modelled: the eager step's memory, an upper bound for the compiled one
+        "upper_bound": bool(cfg.compile),
     }
     try:
         spec = to_spec(cfg)
@@ -272,6 +274,10 @@ TABLE_COLUMNS = {  # header -> row key
 }
 
 
+COMPILE_NOTE = ("compiled configs (*_compile): torch.compile is not modelled; they show the eager step's memory, an "
+                "upper bound (on an H200, compile cut bf16_flash_bs128's peak by 42%).")
+
+
 def format_prediction(prediction: GridPrediction) -> str:
     """An aligned table with the budget and vocabulary it assumes."""
     from .tuning import format_rows
@@ -289,6 +295,7 @@ def format_prediction(prediction: GridPrediction) -> str:
         "",
         "peak_mib predicts max_memory_allocated; reserved_mib adds the allocator allowance and must fit the budget;",
         "max_batch: the largest batch size predicted to fit (an estimate: --find-max-batch measures it).",
+        *([COMPILE_NOTE] if any(r.get("upper_bound") for r in prediction.rows) else []),
     ])
 
 

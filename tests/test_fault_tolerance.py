@@ -23,7 +23,7 @@ TRIAL_NAMES = {"baseline": "baseline_bs8", "flash": "bf16_flash_bs8"}
 # (device, technique, model, relative loss tolerance against the uninterrupted run). CPU kernels are
 # bit-reproducible; on a GPU some backward kernels accumulate with atomics: runs agree to rounding, not to the bit.
 DEVICES = [pytest.param("cpu", "baseline", TINY, 1e-6, id="cpu"),
-           pytest.param("cuda", "flash", SEED_WIDTH, 1e-2, id="cuda", marks=pytest.mark.cuda)]
+           pytest.param("cuda", "flash", SEED_WIDTH, 1e-4, id="cuda", marks=pytest.mark.cuda)]  # H200: 0.0
 
 
 def _sweep_command(storage: Path, data: Path, device: str, technique: str, model: dict) -> list[str]:

@@ -168,3 +168,15 @@ def test_bad_predict_input_exits_2_with_one_line():
         proc = subprocess.run([sys.executable, "-m", "sweep.run", *args], cwd=ROOT, env=ENV, capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 2 and needle in proc.stderr and proc.stdout == ""
+
+
+def test_compiled_configs_are_flagged_as_an_eager_upper_bound():
+    """torch.compile is not modelled: a compiled row says its number is the eager step's, in JSON and in the table."""
+    proc = _cli("--json", "--techniques", "flash", "flash_compile", "--batch-sizes", "64")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["technique"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert rows["bf16_flash_compile"]["upper_bound"] is True and rows["bf16_flash"]["upper_bound"] is False
+    assert rows["bf16_flash_compile"]["predicted_peak_mib"] == rows["bf16_flash"]["predicted_peak_mib"]
+    table = _cli("--techniques", "flash_compile", "--batch-sizes", "64").stdout
+    assert "torch.compile is not modelled" in table
+    assert "torch.compile is not modelled" not in _cli("--techniques", "flash", "--batch-sizes", "64").stdout

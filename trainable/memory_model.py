@@ -40,6 +40,11 @@ the foreach AdamW step's temporary sqrt(exp_avg_sq) 4P. The peak is a max over p
 state, optimizer states resident): forward end, backward start (loss head), backward through the
 layers, and the optimizer step (params + grads + states + temporary = 20P).
 
+Not modelled: torch.compile (the `compile` switch). Inductor fuses elementwise chains and lets its
+partitioner recompute cheap ops instead of saving them, which depends on the graph it builds; a
+compiled config is predicted as its eager step, an upper bound (measured on an H200: -42% at
+bf16 + flash, batch 128). `sweep.predict` says so next to such rows.
+
 Free constants (fit them on the GPU with `calibrate`) live in `MemoryConstants`.
 """
 from __future__ import annotations
