@@ -17,8 +17,8 @@ Run:
 
 Add `--check-text data_prep/sample/polish_sample.jsonl` to also check a whole file against the reference.
 
-(`--ranks PATH` takes an already extracted gpt2.tiktoken instead of the sdist.) Needs only the standard
-library, `tokenizers` and `transformers`.
+(`--ranks PATH` takes an already extracted gpt2.tiktoken instead of the sdist.) Needs the standard
+library, `tokenizers`, `transformers` and this repository's `data_prep`.
 """
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.tokenizer import bytes_to_unicode  # noqa: E402  (GPT-2's byte -> printable char table)
 
 EOT_TOKEN = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257
@@ -50,19 +54,6 @@ ROUND_TRIP_TEXTS = (
 
 class ConversionError(RuntimeError):
     """The ranks do not rebuild into a GPT-2 tokenizer that passes the checks."""
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable char table (the alphabet of its vocab.json and of `pre_tokenizers.ByteLevel`)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(printable, map(chr, chars)))
 
 
 def read_ranks_text(whisper_sdist: Path | None, ranks: Path | None) -> str:

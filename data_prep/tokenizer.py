@@ -34,11 +34,11 @@ class PreparedTokenizer:
 
 def _byte_level_chars(text: str) -> str:
     """`text` as the byte-level pre-tokenizer spells it (one alphabet char per UTF-8 byte)."""
-    alphabet = _bytes_to_unicode()
+    alphabet = bytes_to_unicode()
     return "".join(alphabet[b] for b in text.encode("utf-8"))
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable char table, the one `pre_tokenizers.ByteLevel` uses."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = printable[:]
