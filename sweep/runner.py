@@ -289,6 +289,15 @@ def plan_sweep(cfg: SweepConfig, gpus: int | None = None, verify: str = "full",
                      storage=storage, name=name, sample=sample, notice=notice)
 
 
+def _local_gpu_mib(cfg: SweepConfig) -> float | None:
+    """This node's GPU memory (nvidia-smi) when the trials run on this node (a local Ray), else None."""
+    from .predict import local_gpu_total_mib
+
+    if cfg.address not in (None, "local") or (cfg.address is None and os.environ.get("RAY_ADDRESS")):
+        return None
+    return local_gpu_total_mib()
+
+
 def _precheck_local_gpus(cfg: SweepConfig) -> int | None:
     """Without --address we know the local instance's GPUs before starting Ray."""
     if cfg.address not in (None, "local") or (cfg.address is None and os.environ.get("RAY_ADDRESS")):
@@ -335,6 +344,9 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None):
     plan = plan or prepare(cfg)
     if plan.notice:
         print(plan.notice, file=sys.stderr)
+    oom_note = predicted_oom_notice(cfg, plan, _local_gpu_mib(cfg))
+    if oom_note:
+        print(oom_note, file=sys.stderr)
     resources = trial_resources(plan.use_gpu, cfg.cpus_per_trial)
     trainable = tune.with_resources(sweep_trainable, resources)
     # num_to_keep makes Tune snapshot the experiment state after every few checkpoints: cheap, but Tune warns
@@ -406,6 +418,51 @@ def find_max_batch_size(cfg: SweepConfig, plan: SweepPlan | None = None) -> tupl
     return records, plan.path
 
 
+def trial_budget(cfg: SweepConfig, local_mib: float | None):
+    """One trial's memory budget as the memory model sees it (SweepError on a bad flag).
+
+    The GPU's size comes from --gpu-total-gb / --gpu, else `local_mib` (nvidia-smi on this node), else the
+    default H200; --gpu-memory-gb caps it.
+    """
+    from .predict import memory_budget
+
+    local = None if (cfg.gpu or cfg.gpu_total_gb) else local_mib
+    return memory_budget(cfg.gpu_memory_gb, gpu=cfg.gpu, gpu_total_gb=cfg.gpu_total_gb, total_mib=local,
+                         total_source=f"this node's GPU ({local:.0f} MiB, nvidia-smi)" if local else None)
+
+
+def predicted_oom_notice(cfg: SweepConfig, plan: SweepPlan, local_mib: float | None) -> str | None:
+    """The trials the memory model predicts will not fit their GPU, said before any GPU time is spent.
+
+    They still run: an OOM is a measured result (seconds of GPU time), and the prediction is an estimate.
+    Said only when the GPU is known (a local GPU, or --gpu / --gpu-total-gb / --gpu-memory-gb): the driver
+    of a remote cluster may not see the workers' GPUs. Compiled configs are left out: for them the model
+    gives the eager step, an upper bound.
+    """
+    if not plan.use_gpu or cfg.resume:
+        return None
+    if local_mib is None and not (cfg.gpu or cfg.gpu_total_gb or cfg.gpu_memory_gb):
+        return None
+    from data_prep import open_dataset
+
+    from .predict import predict_point
+
+    try:
+        budget = trial_budget(cfg, local_mib)
+    except SweepError:
+        return None
+    vocab = open_dataset(plan.data_dir, verify="none").vocab_size
+    over = []
+    for point in plan.grid:
+        row = predict_point({**point, "vocab_size": vocab}, budget)
+        if row["error"] is None and row["fits"] is False and not row["upper_bound"]:
+            over.append(f"{row['trial']} (~{row['predicted_reserved_mib'] / 1024:.1f} GiB)")
+    if not over:
+        return None
+    return (f"note: the memory model predicts {len(over)} of {len(plan.grid)} trials will not fit "
+            f"{budget.source}: {', '.join(over)}. They run anyway and end as OOM results; `--skip NAME` leaves one out.")
+
+
 def search_hints(cfg: SweepConfig, plan: SweepPlan) -> dict[str, dict[str, Any]]:
     """Per technique label: the memory model's predicted max batch under the trial's budget (the search's hint).
 
@@ -414,12 +471,10 @@ def search_hints(cfg: SweepConfig, plan: SweepPlan) -> dict[str, dict[str, Any]]
     """
     from data_prep import open_dataset
 
-    from .predict import local_gpu_total_mib, memory_budget, predict_point
+    from .predict import local_gpu_total_mib, predict_point
 
     try:
-        local = None if (cfg.gpu or cfg.gpu_total_gb) else local_gpu_total_mib()
-        budget = memory_budget(cfg.gpu_memory_gb, gpu=cfg.gpu, gpu_total_gb=cfg.gpu_total_gb, total_mib=local,
-                               total_source=f"this node's GPU ({local:.0f} MiB, nvidia-smi)" if local else None)
+        budget = trial_budget(cfg, local_gpu_total_mib())
     except SweepError as exc:
         print(f"note: no predicted max batch ({exc}); searching unseeded", file=sys.stderr)
         return {}

@@ -1,9 +1,11 @@
 """The sweep end to end on a local Ray (tiny model, few steps) and the CLI's refusals of bad input."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,24 @@ def test_bad_cli_input_exits_2_with_one_line_before_ray_starts(tmp_path):
         assert "Traceback" not in err and "Ray instance" not in out + err
     assert time.monotonic() - t0 < 90
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_trials_predicted_not_to_fit_are_named_before_any_run(sample_dataset):
+    """A GPU grid on a known card: the memory model names the trials that will OOM; they still run (a result)."""
+    from sweep.runner import predicted_oom_notice
+
+    model = {"seq_len": 64, "n_layers": 2, "d_model": 256, "n_heads": 4, "ff_dim": 1024}
+    cfg = SweepConfig(techniques=("baseline", "flash", "flash_compile"), batch_sizes=(4, 512), device="cuda",
+                      gpu_memory_gb=0.5, data_dir=str(sample_dataset), overrides=model)
+    plan = plan_sweep(cfg, gpus=1)
+    note = predicted_oom_notice(cfg, plan, local_mib=None)
+    assert note is not None and "2 of 6 trials" in note, note
+    named = set(re.findall(r"(\w+_bs\d+) \(~", note))
+    assert named == {"baseline_bs512", "bf16_flash_bs512"}, note  # compiled: an upper bound, not named
+    assert "end as OOM results" in note and "--gpu-memory-gb 0.5" in note
+    roomy = replace(cfg, gpu_memory_gb=40.0)
+    assert predicted_oom_notice(roomy, plan_sweep(roomy, gpus=1), local_mib=None) is None
+    unknown = replace(cfg, gpu_memory_gb=None)  # a remote cluster's GPUs: nothing is said
+    assert predicted_oom_notice(unknown, plan_sweep(unknown, gpus=1), local_mib=None) is None
+    cpu = replace(cfg, device="cpu", techniques=("baseline",), gpu_memory_gb=None)
+    assert predicted_oom_notice(cpu, plan_sweep(cpu, gpus=0), local_mib=24564.0) is None
