@@ -184,10 +184,12 @@ def trainable_loop(cfg: TrialConfig, steps: int, warmup: int, report_kind: str) 
     """run_trial with measurement and a report per step; speed from the report arrival times."""
     report = make_report(report_kind)
     arrivals: dict[int, float] = {}
+    step_times: dict[int, float] = {}
     peaks: list[float] = []
 
     def timed_report(metrics: dict) -> None:
         arrivals[metrics["step"]] = time.perf_counter()
+        step_times[metrics["step"]] = metrics["step_time_s"]
         peaks.append(metrics["mem_step_peak_mib"])
         report(metrics)
 
@@ -196,7 +198,12 @@ def trainable_loop(cfg: TrialConfig, steps: int, warmup: int, report_kind: str) 
         return {"tok_s": math.nan, "peak_mib": math.nan, "oom": True, "kernel": final["attention_kernel"]}
     first, last = warmup, warmup + steps - 1  # report k arrives once step k is done and step k+1 is queued
     seconds = arrivals[last] - arrivals[first]
+    # Each step's own time (CUDA events on a GPU) against the wall time of the same steps: what is left is
+    # time the GPU spent between steps, waiting for the host. The slowest step shows a one-off stall.
+    timed = [step_times[k] for k in range(first + 1, last + 1)]
     return {"tok_s": (last - first) * cfg.tokens_per_step / seconds, "peak_mib": max(peaks),
+            "idle": max(0.0, 1 - sum(timed) / seconds), "step_ms": 1000 * float(np.median(timed)),
+            "max_step_ms": 1000 * max(timed),
             "kernel": final["attention_kernel"], "report_ms": 1000 * final["report_time_s"] / final["step"],
             "compile_s": final["compile_time_s"], "steady_tok_s": final["steady_tokens_per_s"],
             "peak_flops": final["peak_flops"]}
@@ -258,13 +265,15 @@ def bench_one(args: argparse.Namespace, spec: str, data_dir: str, vocab: int | s
             f"{_num(measured['peak_mib'], ',.0f')} | {_num(mfu(plain['tok_s'], flops, peak), '.1%')} | "
             f"{_num(mfu(measured['tok_s'], flops, peak), '.1%')} | "
             f"{_num(measured.get('compile_s', math.nan), '.1f')} | "
-            f"{_num(measured.get('report_ms', math.nan), '.2f')} |")
+            f"{_num(measured.get('report_ms', math.nan), '.2f')} | {_num(measured.get('idle', math.nan), '.1%')} | "
+            f"{_num(measured.get('step_ms', math.nan), '.1f')} / {_num(measured.get('max_step_ms', math.nan), '.1f')} |")
 
 
 def bench(args: argparse.Namespace) -> str:
     rows = ["| technique | vocab | kernel | tok/s plain | tok/s trainable | ratio | peak MiB plain | "
-            "peak MiB trainable | MFU plain | MFU trainable | compile s | report ms/step |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "peak MiB trainable | MFU plain | MFU trainable | compile s | report ms/step | idle between steps | "
+            "step ms median / max |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for vocab, data_dir in args.datasets:
         for spec in args.techniques.split(","):
             rows.append(bench_one(args, spec, data_dir, vocab))
@@ -273,7 +282,9 @@ def bench(args: argparse.Namespace) -> str:
     header = (f"GPU {gpu}, torch {torch.__version__}, batch {args.batch_size} x seq {args.seq_len}, model "
               f"{args.n_layers}L/{args.d_model}d/{args.n_heads}h/{args.ff_dim}ff, {args.steps} timed steps after "
               f"{args.warmup} warm-up, report={args.report}. MFU: model FLOPs (trainable/flops.py, causal half "
-              f"of attention) over the GPU's peak dense bf16 rate; compile s: the trainable's compiling steps.")
+              f"of attention) over the GPU's peak dense bf16 rate; compile s: the trainable's compiling steps; idle "
+              f"between steps: 1 - the trainable's summed step times (CUDA events) / their wall time; step ms: its "
+              f"timed steps' median and slowest.")
     return header + "\n\n" + "\n".join(rows) + "\n"
 
 

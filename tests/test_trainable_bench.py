@@ -47,6 +47,9 @@ def test_cpu_smoke_run_writes_the_table(bench, tmp_path, capsys):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == "512" and float(cells[3].replace(",", "")) > 0 and float(cells[5]) > 0
         assert cells[8].endswith("%") and cells[9].endswith("%")  # MFU plain / trainable against --peak-flops
+        assert cells[12].endswith("%") and 0 <= float(cells[12].rstrip("%")) < 100  # idle between steps
+        median, slowest = map(float, cells[13].split(" / "))
+        assert 0 < median <= slowest
 
 
 def test_profile_writes_a_kernel_table(bench, tmp_path):
