@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--csv", type=Path, default=CSV)
     args = p.parse_args(argv)
+    if not args.csv.is_file():
+        p.error(f"--csv {args.csv}: no such file (the measurements, e.g. docs/results/memory_model_h200.csv)")
     rows = list(csv.DictReader(args.csv.open()))
     with tempfile.TemporaryDirectory() as data_dir:  # configs need a data_dir; nothing is read from it
         peaks, worst_peak = peak_table(rows, data_dir)

@@ -289,18 +289,21 @@ def plan_sweep(cfg: SweepConfig, gpus: int | None = None, verify: str = "full",
                      storage=storage, name=name, sample=sample, notice=notice)
 
 
+def _runs_locally(cfg: SweepConfig) -> bool:
+    """The trials run on this node: a local Ray instance, not --address / RAY_ADDRESS."""
+    return cfg.address == "local" or (cfg.address is None and not os.environ.get("RAY_ADDRESS"))
+
+
 def _local_gpu_mib(cfg: SweepConfig) -> float | None:
-    """This node's GPU memory (nvidia-smi) when the trials run on this node (a local Ray), else None."""
+    """This node's GPU memory (nvidia-smi) when the trials run on this node, else None."""
     from .predict import local_gpu_total_mib
 
-    if cfg.address not in (None, "local") or (cfg.address is None and os.environ.get("RAY_ADDRESS")):
-        return None
-    return local_gpu_total_mib()
+    return local_gpu_total_mib() if _runs_locally(cfg) else None
 
 
 def _precheck_local_gpus(cfg: SweepConfig) -> int | None:
     """Without --address we know the local instance's GPUs before starting Ray."""
-    if cfg.address not in (None, "local") or (cfg.address is None and os.environ.get("RAY_ADDRESS")):
+    if not _runs_locally(cfg):
         return None
     ray = sys.modules.get("ray")  # in-process Ray already up (a notebook, the tests): ask it
     if ray is not None and ray.is_initialized():
@@ -445,18 +448,16 @@ def predicted_oom_notice(cfg: SweepConfig, plan: SweepPlan, local_mib: float | N
         return None
     from data_prep import open_dataset
 
-    from .predict import predict_point
+    from .predict import predict_points
 
     try:
         budget = trial_budget(cfg, local_mib)
     except SweepError:
         return None
     vocab = open_dataset(plan.data_dir, verify="none").vocab_size
-    over = []
-    for point in plan.grid:
-        row = predict_point({**point, "vocab_size": vocab}, budget)
-        if row["error"] is None and row["fits"] is False and not row["upper_bound"]:
-            over.append(f"{row['trial']} (~{row['predicted_reserved_mib'] / 1024:.1f} GiB)")
+    rows = predict_points([{**point, "vocab_size": vocab} for point in plan.grid], budget)
+    over = [f"{row['trial']} (~{row['predicted_reserved_mib'] / 1024:.1f} GiB)" for row in rows
+            if row["error"] is None and row["fits"] is False and not row["upper_bound"]]
     if not over:
         return None
     return (f"note: the memory model predicts {len(over)} of {len(plan.grid)} trials will not fit "

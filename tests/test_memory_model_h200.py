@@ -6,6 +6,7 @@ that moves any prediction more than 2% off what the GPU measured fails here, on 
 batch (what seeds the search) must stay within 8% of every measured one.
 """
 import csv
+import importlib.util
 import math
 from pathlib import Path
 
@@ -15,16 +16,17 @@ from sweep.predict import memory_budget, predicted_max_batch
 from trainable import TrialConfig
 from trainable.memory_model import predict_peak_memory
 
-CSV = Path(__file__).resolve().parents[1] / "docs" / "results" / "memory_model_h200.csv"
+ROOT = Path(__file__).resolve().parents[1]
+CSV = ROOT / "docs" / "results" / "memory_model_h200.csv"
 ROWS = list(csv.DictReader(CSV.open()))
+_spec = importlib.util.spec_from_file_location("memory_model_report", ROOT / "bench" / "memory_model_report.py")
+REPORT = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(REPORT)
 
 
 def _config(row: dict, data_dir: Path) -> TrialConfig:
-    d = {"technique": row["technique"], "batch_size": int(row["batch_size"]), "vocab_size": int(row["vocab_size"]),
-         "data_dir": str(data_dir)}
-    if row["window"]:
-        d["window"] = int(float(row["window"]))
-    return TrialConfig.from_dict(d)
+    """The row's config, as bench/memory_model_report.py (which writes the doc's tables) reads it."""
+    return REPORT.row_config(row, str(data_dir))
 
 
 def test_the_measurements_cover_every_seed_technique_and_max_batch():
