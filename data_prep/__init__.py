@@ -1,4 +1,10 @@
-"""Stage 1: Polish text -> tokenizer -> Arrow token shards (Contract 1 in docs/architecture.md)."""
+"""Stage 1: Polish text -> tokenizer -> Arrow token shards (Contract 1 in docs/architecture.md).
+
+A split's shards are Arrow IPC streams, so HF datasets opens them directly (memory-mapped, nothing copied):
+
+    from datasets import Dataset, concatenate_datasets
+    train = concatenate_datasets([Dataset.from_file(str(p)) for p in open_dataset(OUT).shard_paths("train")])
+"""
 from .errors import DataPrepError, DatasetError
 from .hub import DatasetInfo, download_dataset, list_datasets
 from .prepare import SAMPLE_CORPUS, PrepareConfig, prepare_dataset

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .errors import DataPrepError
-from .hub import DEFAULT_DATA_DIR, download_dataset, list_datasets
+from .hub import DEFAULT_DATA_DIR, SPEAKLEASH_URL_ENV, download_dataset, list_datasets
 from .prepare import DEFAULT_SHARD_ROWS, SAMPLE_CORPUS, prepare_dataset
 from .reader import open_dataset
 
@@ -28,8 +28,9 @@ def _human(n: float) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    print("fetching the speakleash index and each dataset's manifest...", file=sys.stderr)
-    datasets = list_datasets(args.data_dir)
+    if sys.stderr.isatty():  # a progress note for a person waiting; logs and failures stay one line
+        print("fetching the speakleash index and each dataset's manifest...", file=sys.stderr)
+    datasets = list_datasets(args.data_dir, url=args.url)
     width = max((len(d.name) for d in datasets), default=4)
     print(f"{'name':<{width}}  {'documents':>12}  {'size':>10}")
     for d in datasets:
@@ -38,7 +39,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    path = download_dataset(args.name, args.data_dir)
+    path = download_dataset(args.name, args.data_dir, url=args.url)
     print(f"downloaded {args.name} to {path}")
     print(f"next: python -m data_prep prepare --input {path}")
 
@@ -53,35 +54,45 @@ def cmd_prepare(args: argparse.Namespace) -> None:
           f"seq_len {ds.seq_len}: {rows})")
 
 
+_URL_HELP = f"speakleash index URL (default: ${SPEAKLEASH_URL_ENV}, else the one speakleash ships)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every option's help ends with its default, so `--help` documents what a bare command does."""
     parser = _Parser(prog="python -m data_prep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("list", help="list speakleash Polish datasets (name, documents, size)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help="speakleash cache dir (default: %(default)s)")
+    p.add_argument("--url", default=None, help=_URL_HELP)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("download", help="download one speakleash dataset (.jsonl.zst)")
-    p.add_argument("name")
+    p.add_argument("name", help="dataset name, as `list` shows it (no default)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where to put it (default: %(default)s)")
+    p.add_argument("--url", default=None, help=_URL_HELP)
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("prepare", help="tokenize a corpus into Arrow token shards")
     p.add_argument("--input", type=Path, default=None,
                    help=".jsonl[.zst] with a 'text' field, .txt (blank-line separated), or a directory of them "
                         f"(default: the shipped sample {SAMPLE_CORPUS.name})")
-    p.add_argument("--tokenizer", choices=("bpe", "gpt2"), default="bpe")
+    p.add_argument("--tokenizer", choices=("bpe", "gpt2"), default="bpe",
+                   help="bpe: train a byte-level BPE on the train split; gpt2: GPT-2's (default: %(default)s)")
     p.add_argument("--tokenizer-path", default=None,
-                   help="gpt2: hub name or saved tokenizer dir (default: gpt2); bpe: reuse a trained tokenizer.json")
+                   help="gpt2: hub name or saved tokenizer dir; bpe: reuse a trained tokenizer.json "
+                        "(default: gpt2 for gpt2, none for bpe: train one)")
     p.add_argument("--vocab-size", type=int, default=10_000, help="bpe vocabulary size (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None,
                    help="output dir (default: prepared/<input stem>-<tokenizer><vocab>-s<seq_len>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document-level train/val/test split")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the document-level train/val/test split (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that this tool prepared, atomically (default: off, refuse)")
     p.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="rows per shard (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes (default: off, show them)")
     p.set_defaults(func=cmd_prepare)
     return parser
 

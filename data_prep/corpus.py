@@ -2,7 +2,9 @@
 
 Every reader works line by line on bytes and decodes each line strictly, so memory stays bounded by the longest
 document and invalid UTF-8 is reported with its file and byte offset (for `.zst` files: the offset into the
-decompressed data, since that is where the text lives).
+decompressed data, since that is where the text lives). A `.zst` file is decoded frame by frame, so a file cut
+short (a partial download) or damaged is refused with the offset into the compressed file, never read as a
+shorter corpus.
 """
 from __future__ import annotations
 
@@ -13,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-import zstandard
-
 from .errors import DataPrepError
+from .zstd import ZstdFrames
 
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.85, 0.10, 0.05)
@@ -96,12 +97,8 @@ def _read_jsonl(path: Path, on_read: Callable[[int], None]) -> Iterator[str]:
 def _read_jsonl_zst(path: Path, on_read: Callable[[int], None]) -> Iterator[str]:
     with open(path, "rb", buffering=0) as raw:
         counted = io.BufferedReader(_CountingReader(raw, on_read), 1 << 20)
-        decompressed = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(counted, read_across_frames=True)
-        stream = io.BufferedReader(decompressed, 1 << 20)
-        try:
-            yield from _jsonl_documents(path, _utf8_lines(path, stream, " of the decompressed data"))
-        except zstandard.ZstdError as exc:
-            raise DataPrepError(f"{path}: not a valid zstd file ({exc})") from None
+        stream = io.BufferedReader(ZstdFrames(path, counted), 1 << 20)
+        yield from _jsonl_documents(path, _utf8_lines(path, stream, " of the decompressed data"))
 
 
 def _read_txt(path: Path, on_read: Callable[[int], None]) -> Iterator[str]:
@@ -135,7 +132,10 @@ def format_of(path: Path) -> str | None:
 
 def corpus_stem(path: Path) -> str:
     """`dir` -> "dir", `x.jsonl.zst` -> "x": the name default output directories are built from."""
-    fmt = format_of(path) if path.is_file() else None
+    try:
+        fmt = format_of(path) if path.is_file() else None
+    except OSError:  # a name too long to stat: Corpus.from_path reports it
+        fmt = None
     return path.name[: -len(fmt)] if fmt else path.name
 
 
@@ -148,6 +148,13 @@ class Corpus:
     @classmethod
     def from_path(cls, path: str | Path) -> "Corpus":
         path = Path(path)
+        try:
+            return cls._resolve(path)
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise DataPrepError(f"cannot read input {path}: {exc.strerror}") from None
+
+    @classmethod
+    def _resolve(cls, path: Path) -> "Corpus":
         if not path.exists():
             raise DataPrepError(f"input {path} does not exist")
         if path.is_dir():
@@ -155,6 +162,9 @@ class Corpus:
             if not files:
                 raise DataPrepError(f"input directory {path} has no {', '.join(READERS)} files")
             return cls(files)
+        if not path.is_file():  # opening a named pipe would block until someone writes to it
+            raise DataPrepError(f"input {path} is not a regular file (a named pipe, socket or device): pass a file "
+                                "or a directory of them")
         if not format_of(path):
             raise DataPrepError(f"input {path} is not one of {', '.join(READERS)} (or a directory of them)")
         return cls((path,))

@@ -4,6 +4,7 @@ speakleash reads its index URL from its packaged config.json and swallows networ
 then None), so this module (a) lets DATA_PREP_SPEAKLEASH_URL or `url=` point the client elsewhere (tests use a
 local HTTP server), (b) turns "None" into "could not reach the speakleash server", and (c) removes the cached
 `null` answers speakleash writes on failure, which would otherwise hide the server for the rest of the hour.
+A call that fails removes the data directory it created, so an unreachable server leaves no empty `data/speakleash/`.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import created_dirs
 from .errors import DataPrepError
 
 SPEAKLEASH_URL_ENV = "DATA_PREP_SPEAKLEASH_URL"
@@ -57,7 +59,6 @@ def _client(data_dir: Path, url: str | None):
     client_cls = Speakleash
     if base is not None:
         client_cls = type("Speakleash", (Speakleash,), {"get_url": staticmethod(lambda lang: base)})
-    data_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(io.StringIO()):  # speakleash prints manifest failures to stdout
         client = client_cls(str(data_dir.resolve()))
     _forget_failed_answers(data_dir)
@@ -69,7 +70,8 @@ def _client(data_dir: Path, url: str | None):
 
 def list_datasets(data_dir: str | Path = DEFAULT_DATA_DIR, *, url: str | None = None) -> list[DatasetInfo]:
     """Every speakleash dataset (name, documents, compressed size), sorted by name."""
-    client = _client(Path(data_dir), url)
+    with created_dirs(Path(data_dir)):
+        client = _client(Path(data_dir), url)
     return sorted((DatasetInfo(d.name, int(d.documents), int(d.jsonl_zst_file_size), int(d.characters),
                                str(d.description)) for d in client.datasets), key=lambda d: d.name)
 
@@ -79,9 +81,14 @@ def download_dataset(name: str, data_dir: str | Path = DEFAULT_DATA_DIR, *, url:
 
     An already complete file (size matches the manifest) is not downloaded again.
     """
+    with created_dirs(Path(data_dir)):
+        return _download(name, Path(data_dir), url)
+
+
+def _download(name: str, data_dir: Path, url: str | None) -> Path:
     import requests
 
-    client = _client(Path(data_dir), url)
+    client = _client(data_dir, url)
     dataset = client.get(name)
     if dataset is None:
         names = [d.name for d in client.datasets]

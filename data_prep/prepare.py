@@ -2,7 +2,8 @@
 
 Two streaming passes over the corpus: (1, bpe only) train the BPE on the train split's documents, (2) encode
 every document with the Rust batch API and append it to its split's shard writer. Everything is written into a
-hidden temp directory next to the output, renamed into place, and `manifest.json` is written last.
+hidden temp directory next to the output, `manifest.json` last, and then swapped into place (`atomic.install`):
+a kill at any moment leaves the old dataset or the new one, never neither.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +19,12 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import MANIFEST_NAME, created_dirs, install, step
 from .corpus import SPLIT_FRACTIONS, SPLIT_NAMES, Corpus, corpus_stem, split_of
 from .errors import DataPrepError
-from .reader import FORMAT_VERSION, MANIFEST_NAME
-from .shards import DEFAULT_SHARD_ROWS, ShardWriter, dtype_for
+from .output import check_out_dir, check_out_path, check_output, make_build_dir
+from .schema import FORMAT_VERSION, MAX_SEQ_LEN, MAX_VOCAB_SIZE, MIN_SEQ_LEN
+from .shards import DEFAULT_SHARD_ROWS, SHARD_FORMAT, ShardWriter, dtype_for
 from .tokenizer import MIN_BPE_VOCAB, PreparedTokenizer, load_bpe, load_gpt2, train_bpe, wrap_bpe
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent / "sample" / "polish_sample.jsonl"
@@ -30,6 +32,8 @@ DEFAULT_OUT_ROOT = Path("prepared")
 DEFAULT_GPT2 = "gpt2"
 DEFAULT_BATCH_CHARS = 1 << 20  # ~1 MB of text per encode_batch call: keeps every Rust thread busy, RSS low
 REQUIRED_SPLITS = ("train", "val")  # the test split may be empty on a tiny corpus
+MAX_SHARD_TOKENS = 2**31  # a shard's rows are buffered in memory (per split) before it is written
+MAX_SEED = 2**64 - 1  # the split hash's key is str(seed), at most 64 bytes
 
 
 @dataclass(frozen=True)
@@ -49,31 +53,40 @@ class PrepareConfig:
     progress: bool = True
 
     def validate(self) -> "PrepareConfig":
+        """Every setting and the output path's shape; nothing is read or written (see `output.check_output`)."""
         if self.tokenizer not in TOKENIZERS:
             raise DataPrepError(f"unknown tokenizer {self.tokenizer!r}: choose one of {', '.join(TOKENIZERS)}")
         for name in ("vocab_size", "seq_len", "seed", "shard_rows", "batch_chars"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise DataPrepError(f"{name} must be an integer, got {value!r}")
-        if self.tokenizer == "bpe" and self.tokenizer_path is None and self.vocab_size < MIN_BPE_VOCAB:
+        if self.tokenizer == "bpe" and self.tokenizer_path is None:
+            self._check_vocab_size()
+        self._check_lengths()
+        if not 0 <= self.seed <= MAX_SEED:
+            raise DataPrepError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
+        check_out_path(self.resolved_out_dir)
+        return self
+
+    def _check_vocab_size(self) -> None:
+        if self.vocab_size < MIN_BPE_VOCAB:
             raise DataPrepError(f"vocab size {self.vocab_size} is below the byte alphabet plus special tokens "
                                 f"({MIN_BPE_VOCAB}): use --vocab-size {MIN_BPE_VOCAB} or more")
-        if self.seq_len < 2:
-            raise DataPrepError(f"seq len {self.seq_len} is too short: use --seq-len 2 or more")
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            raise DataPrepError(f"vocab size {self.vocab_size} is more than uint32 token ids can number: use "
+                                f"--vocab-size {MAX_VOCAB_SIZE} or less")
+
+    def _check_lengths(self) -> None:
+        if self.seq_len < MIN_SEQ_LEN:
+            raise DataPrepError(f"seq len {self.seq_len} is too short: use --seq-len {MIN_SEQ_LEN} or more")
+        if self.seq_len > MAX_SEQ_LEN:
+            raise DataPrepError(f"seq len {self.seq_len} is too long: use --seq-len {MAX_SEQ_LEN} or less")
         if self.shard_rows < 1 or self.batch_chars < 1:
             raise DataPrepError("shard_rows and batch_chars must be positive")
-        if self.seed < 0:
-            raise DataPrepError(f"seed must be >= 0, got {self.seed}")
-        out = self.resolved_out_dir
-        if out.exists() and not out.is_dir():
-            raise DataPrepError(f"output {out} exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()):
-            if not self.overwrite:
-                raise DataPrepError(f"output {out} already exists and is not empty: pass --overwrite or choose "
-                                    "another --out")
-            if not _looks_prepared(out):
-                raise DataPrepError(f"refusing to overwrite {out}: it is not a prepared dataset (remove it yourself)")
-        return self
+        if self.shard_rows * self.row_len > MAX_SHARD_TOKENS:
+            raise DataPrepError(f"shard rows {self.shard_rows} of {self.row_len} tokens would hold "
+                                f"{self.shard_rows * self.row_len:,} tokens in memory per shard: use --shard-rows "
+                                f"{MAX_SHARD_TOKENS // self.row_len} or less")
 
     @property
     def row_len(self) -> int:
@@ -86,14 +99,6 @@ class PrepareConfig:
             return Path(self.out_dir)
         label = f"bpe{self.vocab_size}" if self.tokenizer == "bpe" else self.tokenizer
         return DEFAULT_OUT_ROOT / f"{corpus_stem(Path(self.input_path))}-{label}-s{self.seq_len}"
-
-
-_DATASET_ENTRIES = {MANIFEST_NAME, MANIFEST_NAME + ".tmp", "tokenizer.json", "tokenizer", *SPLIT_NAMES}
-
-
-def _looks_prepared(path: Path) -> bool:
-    """--overwrite only ever deletes what prepare wrote, never a directory of someone's other files."""
-    return (path / MANIFEST_NAME).is_file() or {p.name for p in path.iterdir()} <= _DATASET_ENTRIES
 
 
 def _progress(cfg: PrepareConfig, corpus: Corpus, desc: str) -> tqdm:
@@ -198,6 +203,7 @@ def build_manifest(cfg: PrepareConfig, corpus: Corpus, tokenizer: PreparedTokeni
     """Contract 1's manifest. No timestamps or output paths: the same inputs give a byte-identical file."""
     return {
         "format_version": FORMAT_VERSION,
+        "shard_format": SHARD_FORMAT,
         "tokenizer": tokenizer.name,
         "tokenizer_path": tokenizer_rel,
         "vocab_size": tokenizer.vocab_size,
@@ -222,16 +228,14 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _commit(tmp: Path, out: Path, manifest: dict) -> None:
-    """Swap the finished temp directory into place, then write the manifest (its presence = complete)."""
-    if out.exists():  # empty, or --overwrite: un-complete it first so no reader sees a mix
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
-        shutil.rmtree(out)
+def _commit(tmp: Path, out: Path, manifest: dict, overwrite: bool) -> None:
+    """Write the manifest (its presence = complete), then swap the finished directory into place."""
+    _write_json_atomic(tmp / MANIFEST_NAME, manifest)
+    check_out_dir(out, overwrite)  # again: `out` may have changed while the corpus was being tokenized
     try:
-        os.rename(tmp, out)
-    except OSError as exc:  # another prepare created `out` in the meantime
+        install(tmp, out, replace=overwrite)
+    except OSError as exc:  # another prepare wrote `out` in the meantime
         raise DataPrepError(f"cannot move the prepared dataset into {out}: {exc.strerror}") from None
-    _write_json_atomic(out / MANIFEST_NAME, manifest)
 
 
 def prepare_dataset(input_path: str | Path | None = None, out_dir: str | Path | None = None, *,
@@ -249,19 +253,19 @@ def prepare_dataset(input_path: str | Path | None = None, out_dir: str | Path | 
         seq_len=seq_len, seed=seed, tokenizer_path=str(tokenizer_path) if tokenizer_path is not None else None,
         overwrite=overwrite, shard_rows=shard_rows, batch_chars=batch_chars, progress=progress,
     ).validate()
-    corpus = Corpus.from_path(cfg.input_path)
     out = cfg.resolved_out_dir
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        prepared_tokenizer = TOKENIZERS[cfg.tokenizer](cfg, corpus)
-        splits = _write_shards(cfg, corpus, prepared_tokenizer, tmp)
-        tokenizer_rel = prepared_tokenizer.save(tmp)
-        manifest = build_manifest(cfg, corpus, prepared_tokenizer, tokenizer_rel, splits)
-        _commit(tmp, out, manifest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    check_output(out, cfg.overwrite)
+    corpus = Corpus.from_path(cfg.input_path)
+    with created_dirs(out.parent):
+        tmp = make_build_dir(out)
+        try:
+            prepared_tokenizer = TOKENIZERS[cfg.tokenizer](cfg, corpus)
+            splits = _write_shards(cfg, corpus, prepared_tokenizer, tmp)
+            step("shards")
+            tokenizer_rel = prepared_tokenizer.save(tmp)
+            _commit(tmp, out, build_manifest(cfg, corpus, prepared_tokenizer, tokenizer_rel, splits), cfg.overwrite)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     if cfg.progress:
         for note in prepared_tokenizer.notes:
             print(f"note: {note}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """Read a prepared dataset (Contract 1): memory-mapped Arrow shards served as seeded int64 batches.
 
 Rows are gathered from the mmapped `fixed_size_list` buffers through numpy views, so a batch costs one
-fancy-indexing copy per shard it touches and nothing per row in Python.
+fancy-indexing copy per shard it touches and nothing per row in Python. Shards are Arrow IPC streams
+(format_version 2, what HF datasets' `Dataset.from_file` reads) or IPC files (format_version 1); both are read
+zero-copy from the memory map.
 """
 from __future__ import annotations
 
@@ -15,18 +17,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from .atomic import MANIFEST_NAME, restore_missing
 from .errors import DataPrepError, DatasetError
+from .schema import DTYPES, FORMAT_VERSION, SPLITS, check_manifest, shard_format
 
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "val", "test")
 TOKENS_COLUMN = "tokens"
-DTYPES = {"uint16": pa.uint16(), "uint32": pa.uint32()}
 VERIFY_MODES = ("none", "size", "full")
 Verify = Literal["none", "size", "full"]
+_OPENERS = {"arrow_stream": ipc.open_stream, "arrow_file": ipc.open_file}
 
-_REQUIRED_KEYS = ("format_version", "tokenizer", "tokenizer_path", "vocab_size", "seq_len", "row_len", "eot_id",
-                  "dtype", "seed", "splits")
+__all__ = ["DTYPES", "FORMAT_VERSION", "MANIFEST_NAME", "SPLITS", "TOKENS_COLUMN", "PreparedDataset", "TokenSplit",
+           "file_sha256", "open_dataset", "read_manifest", "verify_shards"]
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -49,8 +50,9 @@ class _Chunk:
 class TokenSplit:
     """One split (`train`/`val`/`test`) of a prepared dataset: fixed-length token rows in shards."""
 
-    def __init__(self, root: Path, name: str, info: dict, row_len: int, dtype: str):
+    def __init__(self, root: Path, name: str, info: dict, row_len: int, dtype: str, fmt: str = "arrow_stream"):
         self.name = name
+        self.shard_format = fmt
         self.row_len = row_len
         self.num_rows = int(info["num_rows"])
         self.num_tokens = int(info["num_tokens"])
@@ -68,32 +70,39 @@ class TokenSplit:
         start = 0
         for shard in shards:
             path = root / shard["path"]
-            try:
-                source = pa.memory_map(str(path), "r")
-                reader = ipc.open_file(source)
-            except (OSError, pa.ArrowException) as exc:
-                raise DatasetError(f"cannot read shard {path}: {exc}") from None
-            self._mmaps.append(source)
-            field = reader.schema.field(TOKENS_COLUMN) if TOKENS_COLUMN in reader.schema.names else None
-            if field is None or field.type != expected:
-                raise DatasetError(f"shard {path} has schema {reader.schema} but the manifest says "
-                                   f"{TOKENS_COLUMN}: {expected}")
             shard_rows = 0
-            for i in range(reader.num_record_batches):
-                try:
-                    column = reader.get_batch(i).column(TOKENS_COLUMN)
-                except pa.ArrowException as exc:
-                    raise DatasetError(f"cannot read shard {path}: {exc}") from None
-                if column.null_count:
-                    raise DatasetError(f"shard {path} has null rows")
-                flat = column.flatten().to_numpy(zero_copy_only=True)
-                rows = flat.reshape(len(column), self.row_len)
+            for column in self._columns(path, expected):
+                rows = column.flatten().to_numpy(zero_copy_only=True).reshape(len(column), self.row_len)
                 chunks.append(_Chunk(start, rows))
                 start += len(rows)
                 shard_rows += len(rows)
             if shard_rows != int(shard["num_rows"]):
                 raise DatasetError(f"shard {path} holds {shard_rows} rows but the manifest says {shard['num_rows']}")
         return chunks
+
+    def _columns(self, path: Path, expected: pa.DataType) -> Iterator[pa.FixedSizeListArray]:
+        """The `tokens` column of each record batch of one shard, as zero-copy views of its memory map."""
+        try:
+            source = pa.memory_map(str(path), "r")
+            reader = _OPENERS[self.shard_format](source)
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetError(f"cannot read shard {path} (an {self.shard_format.replace('_', ' IPC ')}): "
+                               f"{exc}") from None
+        self._mmaps.append(source)
+        field = reader.schema.field(TOKENS_COLUMN) if TOKENS_COLUMN in reader.schema.names else None
+        if field is None or field.type != expected:
+            raise DatasetError(f"shard {path} has schema {reader.schema} but the manifest says "
+                               f"{TOKENS_COLUMN}: {expected}")
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) \
+            if isinstance(reader, ipc.RecordBatchFileReader) else reader
+        try:
+            for batch in batches:
+                column = batch.column(TOKENS_COLUMN)
+                if column.null_count:
+                    raise DatasetError(f"shard {path} has null rows")
+                yield column
+        except (OSError, pa.ArrowException) as exc:  # a stream cut short reads as OSError
+            raise DatasetError(f"cannot read shard {path}: {exc}") from None
 
     def num_batches(self, batch_size: int) -> int:
         """Full batches per epoch (the last partial batch is dropped)."""
@@ -164,8 +173,16 @@ class PreparedDataset:
         if name not in self.manifest["splits"]:
             raise DatasetError(f"{self.path} has no split {name!r} (has: {', '.join(self.manifest['splits'])})")
         if name not in self._splits:
-            self._splits[name] = TokenSplit(self.path, name, self.manifest["splits"][name], self.row_len, self.dtype)
+            self._splits[name] = TokenSplit(self.path, name, self.manifest["splits"][name], self.row_len, self.dtype,
+                                            shard_format(self.manifest))
         return self._splits[name]
+
+    def shard_paths(self, name: str) -> list[Path]:
+        """A split's shard files in row order: `concatenate_datasets([Dataset.from_file(str(p)) for p in ...])`
+        loads the split with HF datasets (format_version 2 shards; memory-mapped, nothing copied)."""
+        if name not in self.manifest["splits"]:
+            raise DatasetError(f"{self.path} has no split {name!r} (has: {', '.join(self.manifest['splits'])})")
+        return [self.path / shard["path"] for shard in self.manifest["splits"][name]["shards"]]
 
     @property
     def tokenizer_path(self) -> Path:
@@ -187,29 +204,28 @@ class PreparedDataset:
 
 
 def read_manifest(path: Path) -> dict:
-    """Load and sanity-check `manifest.json`; every problem is one DatasetError line."""
+    """Load `manifest.json` and check it against the schema; every problem is one DatasetError line."""
     manifest_path = path / MANIFEST_NAME
+    restore_missing(path)  # a prepare killed mid-swap: its complete old dataset goes back in place
     if not manifest_path.is_file():
         raise DatasetError(f"{path} is not a prepared dataset (no {MANIFEST_NAME}): run `python -m data_prep prepare`")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{manifest_path} is not valid JSON: {exc}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, or a 5000-digit int
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DatasetError(f"{manifest_path} is not valid JSON: {first_line}") from None
     if not isinstance(manifest, dict):
         raise DatasetError(f"{manifest_path} is not a JSON object")
-    version = manifest.get("format_version")
-    if not isinstance(version, int):
-        raise DatasetError(f"{manifest_path} has no integer format_version")
+    if "format_version" not in manifest:
+        raise DatasetError(f"{manifest_path}: format_version is missing")
+    version = manifest["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise DatasetError(f"{manifest_path}: format_version must be an integer >= 1, got "
+                           f"{json.dumps(version)[:40]}")
     if version > FORMAT_VERSION:
         raise DatasetError(f"{path} has format_version {version}, newer than this data_prep supports "
                            f"({FORMAT_VERSION}): upgrade data_prep or re-run `python -m data_prep prepare`")
-    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise DatasetError(f"{manifest_path} lacks {', '.join(missing)}")
-    if manifest["dtype"] not in DTYPES:
-        raise DatasetError(f"{manifest_path} has unknown dtype {manifest['dtype']!r}")
-    if manifest["row_len"] != manifest["seq_len"] + 1:
-        raise DatasetError(f"{manifest_path}: row_len {manifest['row_len']} != seq_len + 1")
+    check_manifest(manifest, manifest_path)
     return manifest
 
 

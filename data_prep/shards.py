@@ -1,4 +1,8 @@
-"""Write one split's token stream as fixed-length rows in Arrow IPC file shards (Contract 1)."""
+"""Write one split's token stream as fixed-length rows in Arrow IPC stream shards (Contract 1).
+
+The IPC *stream* format (not the IPC file format) is what HF datasets' `Dataset.from_file` reads, and pyarrow
+still reads it zero-copy from a memory map: the writer aligns every buffer to 64 bytes.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,13 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .reader import DTYPES, TOKENS_COLUMN, file_sha256
+from .reader import TOKENS_COLUMN, file_sha256
+from .schema import DTYPES, dtype_for
 
 DEFAULT_SHARD_ROWS = 8192
+SHARD_FORMAT = "arrow_stream"
 
-
-def dtype_for(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 2**16 else "uint32"
+__all__ = ["DEFAULT_SHARD_ROWS", "SHARD_FORMAT", "ShardWriter", "dtype_for"]
 
 
 class ShardWriter:
@@ -72,7 +76,7 @@ class ShardWriter:
         values = pa.array(self._buffer[:self._filled], type=DTYPES[self.dtype])
         column = pa.FixedSizeListArray.from_arrays(values, self.row_len)
         path = self.split_dir / f"{len(self.shards):05d}.arrow"
-        with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, self.schema) as writer:
+        with pa.OSFile(str(path), "wb") as sink, ipc.new_stream(sink, self.schema) as writer:
             writer.write_batch(pa.record_batch([column], schema=self.schema))
         real_tokens = self._filled - self.num_pad_tokens
         self.shards.append({

@@ -76,6 +76,10 @@ def _copy_dataset(good: Path, dest: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def inputs(sample_dataset, tmp_path_factory) -> dict[str, Path]:
     """The placeholders' shared paths (read-only for the cases)."""
+    import zstandard
+
+    from data_prep import FORMAT_VERSION
+
     base = tmp_path_factory.mktemp("bad_inputs")
     data, _ = _copy_dataset(sample_dataset, base / "data")
     truncated, shard = _copy_dataset(sample_dataset, base / "truncated")
@@ -86,7 +90,7 @@ def inputs(sample_dataset, tmp_path_factory) -> dict[str, Path]:
     shard.write_bytes(bytes(body))
     newer, _ = _copy_dataset(sample_dataset, base / "newer")
     manifest = json.loads((newer / "manifest.json").read_text())
-    (newer / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION + 1}))
     (base / "empty_dir").mkdir()
     (base / "empty.txt").write_text("\n\n   \n\n")
     (base / "bad_utf8.txt").write_bytes("Zażółć gęślą jaźń.\n\nDruga ".encode() + b"\xff" + " linia.\n".encode())
@@ -94,9 +98,35 @@ def inputs(sample_dataset, tmp_path_factory) -> dict[str, Path]:
     (base / "nonempty" / "notes.txt").write_text("keep me\n")
     (base / "not_tune").mkdir()
     (base / "not_tune" / "results.csv").write_text("a,b\n1,2\n")
+    # rows 100-: foreign and padded --out directories, cut and damaged .zst corpora, a named pipe, bad manifests
+    foreign = base / "foreign"
+    (foreign / "src").mkdir(parents=True)
+    (foreign / "src" / "main.py").write_text("print('hello')\n")
+    (foreign / "README.md").write_text("my app\n")
+    (foreign / "manifest.json").write_text(json.dumps({"name": "my-app", "version": "1.0"}))
+    data_plus, _ = _copy_dataset(sample_dataset, base / "data_plus")
+    (data_plus / "notes.txt").write_text("keep me\n")
+    lines = "".join(json.dumps({"text": f"Dokument numer {i}: zażółć gęślą jaźń."}) + "\n" for i in range(400))
+    first, second = (zstandard.ZstdCompressor(write_checksum=True).compress(part.encode())
+                     for part in (lines[: len(lines) // 2], lines[len(lines) // 2:]))
+    (base / "cut.jsonl.zst").write_bytes(first + second[: len(second) // 2])
+    damaged = bytearray(first + second)
+    damaged[len(first) // 2] ^= 0xFF
+    (base / "damaged.jsonl.zst").write_bytes(bytes(damaged))
+    os.mkfifo(base / "fifo.jsonl")
+    no_sha256, _ = _copy_dataset(sample_dataset, base / "no_sha256")
+    manifest = json.loads((no_sha256 / "manifest.json").read_text())
+    del manifest["splits"]["train"]["shards"][0]["sha256"]
+    (no_sha256 / "manifest.json").write_text(json.dumps(manifest))
+    escaping, _ = _copy_dataset(sample_dataset, base / "escaping")
+    manifest["splits"]["train"]["shards"][0].update(path="../x", sha256="0" * 64)
+    (escaping / "manifest.json").write_text(json.dumps(manifest))
     return {"DATA": data, "TRUNCATED": truncated, "CORRUPTED": corrupted, "NEWER": newer,
             "EMPTY_DIR": base / "empty_dir", "EMPTY_TXT": base / "empty.txt", "BAD_UTF8": base / "bad_utf8.txt",
-            "NONEMPTY": base / "nonempty", "NOT_TUNE": base / "not_tune"}
+            "NONEMPTY": base / "nonempty", "NOT_TUNE": base / "not_tune",
+            "FOREIGN": foreign, "DATA_PLUS": data_plus, "CUT_ZST": base / "cut.jsonl.zst",
+            "DAMAGED_ZST": base / "damaged.jsonl.zst", "FIFO": base / "fifo.jsonl", "NO_SHA256": no_sha256,
+            "ESCAPING": escaping}
 
 
 def _placeholders(inputs: dict[str, Path], case_dir: Path) -> dict[str, str]:

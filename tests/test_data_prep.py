@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from data_prep import DataPrepError, DatasetError, open_dataset, prepare_dataset
+from data_prep import FORMAT_VERSION, DataPrepError, DatasetError, open_dataset, prepare_dataset
 from data_prep.corpus import Corpus, split_of
 from data_prep.synthetic import synthetic_documents, write_jsonl
 from data_prep.tokenizer import POLISH_DIACRITICS
@@ -60,7 +60,8 @@ def test_round_trip_reproduces_every_split_exactly(prepared, corpus):
 
 def test_manifest_follows_contract(prepared):
     m = json.loads((prepared / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["tokenizer"] == "bpe" and m["tokenizer_path"] == "tokenizer.json"
+    assert m["format_version"] == FORMAT_VERSION == 2 and m["shard_format"] == "arrow_stream"
+    assert m["tokenizer"] == "bpe" and m["tokenizer_path"] == "tokenizer.json"
     assert m["row_len"] == m["seq_len"] + 1 == 33 and m["dtype"] == "uint16" and m["eot_id"] == 0
     for split in m["splits"].values():
         assert split["num_rows"] * m["row_len"] == split["num_tokens"] + split["num_pad_tokens"]
@@ -71,7 +72,7 @@ def test_manifest_follows_contract(prepared):
         for shard in split["shards"]:
             path = prepared / shard["path"]
             assert path.stat().st_size == shard["num_bytes"]
-            table = ipc.open_file(pa.memory_map(str(path))).read_all()
+            table = ipc.open_stream(pa.memory_map(str(path))).read_all()
             assert table.schema.names == ["tokens"]
             assert table.schema.field("tokens").type == pa.list_(pa.uint16(), m["row_len"])
             assert table.num_rows == shard["num_rows"]
@@ -178,7 +179,7 @@ def test_iter_batches_order_depends_on_seed_and_epoch_only(prepared):
     assert not np.array_equal(np.concatenate(list(train.iter_batches(8, seed=6))), by8)
     in_order = np.concatenate(list(train.iter_batches(8, seed=5, shuffle=False)))
     direct = np.concatenate([
-        np.asarray(ipc.open_file(pa.memory_map(str(prepared / s["path"]))).read_all().column("tokens")
+        np.asarray(ipc.open_stream(pa.memory_map(str(prepared / s["path"]))).read_all().column("tokens")
                    .combine_chunks().flatten()).reshape(-1, row_len)
         for s in train_shards(prepared)])
     assert np.array_equal(in_order, direct[: len(in_order)])
@@ -218,8 +219,8 @@ def test_corrupted_byte_is_caught_by_full_check(copy_of):
 
 def test_newer_format_and_missing_manifest_are_clear_errors(copy_of, tmp_path):
     manifest = json.loads((copy_of / "manifest.json").read_text())
-    (copy_of / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
-    with pytest.raises(DatasetError, match="format_version 2, newer than this data_prep supports"):
+    (copy_of / "manifest.json").write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(DatasetError, match=f"format_version {FORMAT_VERSION + 1}, newer than this data_prep supports"):
         open_dataset(copy_of)
     with pytest.raises(DatasetError, match=r"no manifest.json\): run `python -m data_prep prepare`"):
         open_dataset(tmp_path / "nothing-here")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from data_prep import open_dataset
+from data_prep.__main__ import build_parser
 from data_prep.synthetic import synthetic_documents, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +27,7 @@ def corpus(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("cli") / "pl.jsonl", synthetic_documents(80_000, max_sentences=6))
 
 
+@pytest.mark.slow
 def test_prepare_writes_a_dataset_and_says_where(corpus, tmp_path):
     out = tmp_path / "ds"
     result = run_cli("prepare", "--input", str(corpus), "--out", str(out), "--vocab-size", "300", "--seq-len", "16",
@@ -45,6 +48,8 @@ def _bad_inputs(corpus: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     taken = tmp / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
+    fifo = tmp / "pipe.jsonl"
+    os.mkfifo(fifo)
     return {
         "missing input": (["--input", str(tmp / "nope.jsonl")], "does not exist"),
         "empty corpus": (["--input", str(empty)], "empty corpus"),
@@ -56,12 +61,35 @@ def _bad_inputs(corpus: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "unsupported file": (["--input", str(ROOT / "pyproject.toml")], "is not one of"),
         "lone surrogate": (["--input", str(surrogate)], ":2: text has an unpaired UTF-16 surrogate"),
         "overwrite foreign dir": (["--input", str(corpus), "--out", str(taken), "--overwrite"], "refusing to overwrite"),
+        "huge vocab": (["--input", str(corpus), "--vocab-size", str(10**12)],
+                       "error: vocab size 1000000000000 is more than uint32 token ids can number: use --vocab-size "
+                       "4294967296 or less"),
+        "huge seq len": (["--input", str(corpus), "--seq-len", str(10**12)],
+                         "error: seq len 1000000000000 is too long: use --seq-len 16777216 or less"),
+        "huge shard rows": (["--input", str(corpus), "--shard-rows", str(10**12)],
+                            "error: shard rows 1000000000000 of 513 tokens would hold 513,000,000,000,000 tokens in "
+                            "memory per shard: use --shard-rows 4186127 or less"),
+        "huge seed": (["--input", str(corpus), "--seed", str(10**30)], "error: seed must be in 0..18446744073709551615"),
+        "unwritable out": (["--input", str(corpus), "--out", "/proc/memeff-sweep-test"],
+                           "error: cannot write the output /proc/memeff-sweep-test: creating a directory in /proc "
+                           "failed"),
+        "unwritable out parent": (["--input", str(corpus), "--out", "/proc/memeff-sweep-test/ds"],
+                                  "error: cannot create directory /proc/memeff-sweep-test: No such file or directory"),
+        "out component too long": (["--input", str(corpus), "--out", str(tmp / ("ż" * 128) / "ds")],
+                                   f"error: output path component {'ż' * 128} is 256 bytes long: a file name has at "
+                                   "most 255 bytes"),
+        "out name too long": (["--input", str(corpus), "--out", str(tmp / ("a" * 240))],
+                              "error: output directory name aaaa"),
+        "fifo input": (["--input", str(fifo)], "is not a regular file (a named pipe, socket or device)"),
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing input", "empty corpus", "invalid utf-8", "vocab below bytes",
                                   "seq len < 2", "existing output", "bad number", "unsupported file",
-                                  "lone surrogate", "overwrite foreign dir"])
+                                  "lone surrogate", "overwrite foreign dir", "huge vocab", "huge seq len",
+                                  "huge shard rows", "huge seed", "unwritable out", "unwritable out parent",
+                                  "out component too long", "out name too long", "fifo input"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, corpus, tmp_path):
     args, message = _bad_inputs(corpus, tmp_path)[case]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
@@ -73,3 +101,31 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, corpus, tmp_path)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no output, no temp dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("out", [".", "..", "../here"])
+def test_out_of_the_current_directory_or_above_is_refused(out, sample_dataset, tmp_path):
+    """`cd prepared/x && prepare --out . --overwrite` must not replace the directory the user stands in."""
+    here = Path(shutil.copytree(sample_dataset, tmp_path / "here"))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = run_cli("prepare", "--out", out, "--overwrite", "--quiet", "--tokenizer-path", str(here / "tokenizer.json"),
+                     cwd=here)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr == (f"error: refusing to write the dataset to {out}: it is the current directory or holds "
+                             "it; pass --out of a new directory, e.g. --out prepared/NAME\n")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    open_dataset(here, verify="full")
+
+
+def test_help_of_every_subcommand_shows_every_default():
+    parser = build_parser()
+    (subparsers,) = [a for a in parser._actions if a.dest == "command"]
+    assert set(subparsers.choices) == {"list", "download", "prepare"}
+    for name, sub in subparsers.choices.items():
+        text = sub.format_help()
+        assert "%(default)" not in text
+        for action in sub._actions:
+            if action.dest != "help" and action.option_strings:
+                assert action.help and "(default: " in action.help, f"{name} {action.option_strings[0]}"
+        assert "(default: " in text

@@ -73,6 +73,7 @@ def _closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/"
 
 
+@pytest.mark.slow
 def test_list_shows_name_documents_and_size(server, tmp_path):
     url, _, root = server
     infos = list_datasets(tmp_path, url=url)
@@ -85,6 +86,7 @@ def test_list_shows_name_documents_and_size(server, tmp_path):
     assert "wolne_lektury_corpus" in result.stdout and "300" in result.stdout and "plwiki_sample" in result.stdout
 
 
+@pytest.mark.slow
 def test_download_then_prepare_round_trips(server, tmp_path):
     url, docs, _ = server
     result = run_cli("download", "wolne_lektury_corpus", "--data-dir", str(tmp_path / "data"), url=url)
@@ -104,6 +106,7 @@ def test_download_then_prepare_round_trips(server, tmp_path):
     assert tokenizer.decode(stream[: stream.index(ds.eot_id)]) in docs["wolne_lektury_corpus"]
 
 
+@pytest.mark.slow
 def test_unknown_name_suggests_close_matches(server, tmp_path):
     url, _, _ = server
     result = run_cli("download", "wolne_lektury", "--data-dir", str(tmp_path), url=url)
@@ -112,6 +115,7 @@ def test_unknown_name_suggests_close_matches(server, tmp_path):
     assert result.stderr.strip() == expected
 
 
+@pytest.mark.slow
 def test_unreachable_server_is_named(tmp_path):
     url = _closed_port_url()
     with pytest.raises(DataPrepError, match="could not reach the speakleash server"):
@@ -120,3 +124,34 @@ def test_unreachable_server_is_named(tmp_path):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "could not reach the speakleash server" in result.stderr
     assert not list(tmp_path.glob("*.json"))  # no cached failure that would hide the server for an hour
+
+
+@pytest.mark.slow
+def test_a_failed_call_leaves_no_directory_it_created(server, tmp_path):
+    url, _, _ = server
+    unreachable = _closed_port_url()
+    data_dir = tmp_path / "data" / "speakleash"
+    with pytest.raises(DataPrepError, match="could not reach the speakleash server"):
+        list_datasets(data_dir, url=unreachable)
+    with pytest.raises(DataPrepError, match="could not reach the speakleash server"):
+        download_dataset("plwiki_sample", data_dir, url=unreachable)
+    with pytest.raises(DataPrepError, match="unknown speakleash dataset"):  # the index was fetched, then it failed
+        download_dataset("no_such_dataset", data_dir, url=url)
+    for command in (["list"], ["download", "plwiki_sample"]):
+        result = run_cli(*command, "--data-dir", str(data_dir), "--url", unreachable, url="")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"error: could not reach the speakleash server at {unreachable}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_dir_that_existed_is_kept(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep")
+    with pytest.raises(DataPrepError):
+        list_datasets(tmp_path, url=_closed_port_url())
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_a_successful_list_keeps_the_directory_it_made(server, tmp_path):
+    url, _, _ = server
+    assert list_datasets(tmp_path / "new", url=url)
+    assert (tmp_path / "new").is_dir()

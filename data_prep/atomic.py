@@ -1,0 +1,183 @@
+"""Replace a dataset directory so that a kill at any moment leaves the old or the new dataset complete, never neither.
+
+prepare builds the new dataset in a hidden sibling `.OUT.tmp-PID-XXXXXXXX`, manifest last. On Linux the finished
+directory and the old one then trade names in one `renameat2(RENAME_EXCHANGE)`. Where that is missing (another OS,
+a file system without it) the old one is first renamed aside to `.OUT.old-PID-XXXXXXXX`, which leaves a moment
+with no OUT; `restore_missing` repairs it (the reader and the next prepare call it), and `recover` also deletes
+the hidden siblings of dead processes. A directory being deleted loses its manifest first, so a half-deleted one
+never looks complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from .errors import DataPrepError
+
+MANIFEST_NAME = "manifest.json"
+KILL_ENV = "DATA_PREP_KILL_AT"  # test hook: the process SIGKILLs itself at this step (see `step`)
+SWAP_ENV = "DATA_PREP_SWAP"  # "rename": skip RENAME_EXCHANGE and use the two-rename swap (tests both)
+SIBLING_OVERHEAD = len("..tmp-") + 7 + len("-") + 8  # bytes a hidden sibling's name adds to OUT's (pid <= 7 digits)
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d{1,7})-[0-9a-f]{8}$")
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def step(name: str) -> None:
+    """A point a kill test can stop at: `DATA_PREP_KILL_AT=name` kills this process right here, uncatchably."""
+    if os.environ.get(KILL_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sibling(out: Path, kind: str) -> Path:
+    """A new hidden sibling of `out` owned by this process (`kind` is "tmp" or "old")."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id still runs (a zombie does not: it was killed and awaits its parent)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def _siblings(out: Path) -> list[tuple[Path, str, int]]:
+    """(path, kind, owner pid) of every hidden tmp/old sibling of `out`."""
+    try:
+        entries = list(os.scandir(out.parent))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        match = _SIBLING.match(entry.name)
+        if match and match["name"] == out.name and entry.is_dir(follow_symlinks=False):
+            found.append((Path(entry.path), match["kind"], int(match["pid"])))
+    return found
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MANIFEST_NAME).is_file()
+
+
+def restore_missing(out: Path, wait_s: float = 2.0) -> None:
+    """When `out` is missing mid-swap, put its complete old copy back (owner dead) or wait for the swap (owner alive)."""
+    deadline = time.monotonic() + wait_s
+    while not os.path.lexists(out):
+        olds = [(p, pid) for p, kind, pid in _siblings(out) if kind == "old" and is_complete(p)]
+        if not olds:
+            return
+        for path, pid in olds:
+            if not pid_alive(pid):
+                with contextlib.suppress(OSError):  # another process may have restored it first
+                    os.rename(path, out)
+                    return
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)
+
+
+def recover(out: Path) -> None:
+    """Repair what killed prepares left beside `out`: restore a missing `out`, delete dead owners' hidden siblings."""
+    restore_missing(out, wait_s=0.0)
+    for path, _, pid in _siblings(out):
+        if not pid_alive(pid):
+            remove_dataset(path)
+
+
+def remove_dataset(path: Path) -> None:
+    """Delete a dataset directory, manifest first, so that no reader or recovery takes a half-deleted one for whole."""
+    with contextlib.suppress(OSError):
+        (path / MANIFEST_NAME).unlink()
+    step("unmanifested")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically trade the names of two directories; False where the OS or file system cannot."""
+    if os.environ.get(SWAP_ENV) == "rename" or not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root`, so a renamed-in manifest never points at unwritten shards."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in [*filenames, "."]:
+            _fsync(Path(dirpath, name))
+
+
+def install(tmp: Path, out: Path, replace: bool) -> None:
+    """Put the finished dataset `tmp` (manifest written) at `out`; with `replace`, an old dataset there is swapped
+    out atomically and deleted (without it, a directory that appeared meanwhile makes the rename fail)."""
+    _fsync_tree(tmp)
+    step("built")
+    if not replace or not os.path.lexists(out) or not any(out.iterdir()):
+        os.rename(tmp, out)  # onto nothing, or onto an empty directory: one atomic rename
+    elif _exchange(tmp, out):
+        step("exchanged")
+        remove_dataset(tmp)  # now the old dataset
+    else:
+        old = sibling(out, "old")
+        os.rename(out, old)
+        step("old-aside")
+        os.rename(tmp, out)
+        step("new-in-place")
+        remove_dataset(old)
+    with contextlib.suppress(OSError):
+        _fsync(out.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def created_dirs(path: Path) -> Iterator[None]:
+    """`mkdir -p path` for the body; if the body fails, remove the directories this call created (no empty leftovers)."""
+    top = None
+    probe = Path(path)
+    while not os.path.lexists(probe) and probe != probe.parent:
+        top, probe = probe, probe.parent
+    try:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataPrepError(f"cannot create directory {path}: {exc.strerror}") from None
+        yield
+    except BaseException:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
