@@ -5,17 +5,20 @@ directory and the old one then trade names in one `renameat2(RENAME_EXCHANGE)`. 
 a file system without it) the old one is first renamed aside to `.OUT.old-PID-XXXXXXXX`, which leaves a moment
 with no OUT; `restore_missing` repairs it (the reader and the next prepare call it), and `recover` also deletes
 the hidden siblings of dead processes. A directory being deleted loses its manifest first, so a half-deleted one
-never looks complete.
+never looks complete. A sibling's name carries its owner's pid and a tag of its host, so on shared storage a
+process is only ever judged dead by the host it ran on.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -28,7 +31,7 @@ MANIFEST_NAME = "manifest.json"
 KILL_ENV = "DATA_PREP_KILL_AT"  # test hook: the process SIGKILLs itself at this step (see `step`)
 SWAP_ENV = "DATA_PREP_SWAP"  # "rename": skip RENAME_EXCHANGE and use the two-rename swap (tests both)
 SIBLING_OVERHEAD = len("..tmp-") + 7 + len("-") + 8  # bytes a hidden sibling's name adds to OUT's (pid <= 7 digits)
-_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d{1,7})-[0-9a-f]{8}$")
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d{1,7})-(?P<host>[0-9a-f]{4})[0-9a-f]{4}$")
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -39,9 +42,14 @@ def step(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def host_tag() -> str:
+    """4 hex digits naming this host, so a pid in a sibling's name is only checked on the host that owns it."""
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=2).hexdigest()
+
+
 def sibling(out: Path, kind: str) -> Path:
     """A new hidden sibling of `out` owned by this process (`kind` is "tmp" or "old")."""
-    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{host_tag()}{uuid.uuid4().hex[:4]}"
 
 
 def pid_alive(pid: int) -> bool:
@@ -61,8 +69,8 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _siblings(out: Path) -> list[tuple[Path, str, int]]:
-    """(path, kind, owner pid) of every hidden tmp/old sibling of `out`."""
+def _siblings(out: Path) -> list[tuple[Path, str, bool]]:
+    """(path, kind, whether its owner is known to be dead) of every hidden tmp/old sibling of `out`."""
     try:
         entries = list(os.scandir(out.parent))
     except OSError:
@@ -71,7 +79,8 @@ def _siblings(out: Path) -> list[tuple[Path, str, int]]:
     for entry in entries:
         match = _SIBLING.match(entry.name)
         if match and match["name"] == out.name and entry.is_dir(follow_symlinks=False):
-            found.append((Path(entry.path), match["kind"], int(match["pid"])))
+            dead = match["host"] == host_tag() and not pid_alive(int(match["pid"]))
+            found.append((Path(entry.path), match["kind"], dead))
     return found
 
 
@@ -83,11 +92,11 @@ def restore_missing(out: Path, wait_s: float = 2.0) -> None:
     """When `out` is missing mid-swap, put its complete old copy back (owner dead) or wait for the swap (owner alive)."""
     deadline = time.monotonic() + wait_s
     while not os.path.lexists(out):
-        olds = [(p, pid) for p, kind, pid in _siblings(out) if kind == "old" and is_complete(p)]
+        olds = [(p, dead) for p, kind, dead in _siblings(out) if kind == "old" and is_complete(p)]
         if not olds:
             return
-        for path, pid in olds:
-            if not pid_alive(pid):
+        for path, dead in olds:
+            if dead:
                 with contextlib.suppress(OSError):  # another process may have restored it first
                     os.rename(path, out)
                     return
@@ -99,8 +108,8 @@ def restore_missing(out: Path, wait_s: float = 2.0) -> None:
 def recover(out: Path) -> None:
     """Repair what killed prepares left beside `out`: restore a missing `out`, delete dead owners' hidden siblings."""
     restore_missing(out, wait_s=0.0)
-    for path, _, pid in _siblings(out):
-        if not pid_alive(pid):
+    for path, _, dead in _siblings(out):
+        if dead:
             remove_dataset(path)
 
 

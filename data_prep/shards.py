@@ -1,7 +1,8 @@
 """Write one split's token stream as fixed-length rows in Arrow IPC stream shards (Contract 1).
 
 The IPC *stream* format (not the IPC file format) is what HF datasets' `Dataset.from_file` reads, and pyarrow
-still reads it zero-copy from a memory map: the writer aligns every buffer to 64 bytes.
+still reads it zero-copy from a memory map: the writer pads every buffer to a multiple of 8 bytes, so the
+uint16/uint32 token buffers are aligned numpy views of the map.
 """
 from __future__ import annotations
 

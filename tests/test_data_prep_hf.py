@@ -71,6 +71,7 @@ def test_stream_shards_memory_map_zero_copy(many_shards):
         for batch in ipc.open_stream(source):
             view = batch.column("tokens").flatten().to_numpy(zero_copy_only=True)
             assert lo <= view.ctypes.data and view.ctypes.data + view.nbytes <= hi
+            assert view.ctypes.data % 8 == 0  # aligned: numpy reads it in place
     split = ds.split("train")
     ranges = [_address_range(m) for m in split._mmaps]
     for chunk in split._chunks:  # what the reader serves batches from: views into its own maps

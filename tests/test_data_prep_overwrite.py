@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from data_prep import DataPrepError, open_dataset, prepare_dataset
-from data_prep.atomic import KILL_ENV, SWAP_ENV, _exchange
+from data_prep.atomic import KILL_ENV, SWAP_ENV, _exchange, host_tag
 from data_prep.output import first_unlisted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,14 +108,16 @@ def _dead_pid() -> int:
 
 
 def test_stale_temp_dirs_of_dead_runs_are_removed_live_ones_kept(old, tokenizer):
-    dead = old.parent / f".{old.name}.tmp-{_dead_pid()}-0123abcd"
-    live = old.parent / f".{old.name}.tmp-{os.getpid()}-0123abcd"  # a running process's (this one's)
-    other = old.parent / f".other.tmp-{_dead_pid()}-0123abcd"  # another output's: not ours to judge
-    for path in (dead, live, other):
+    here = host_tag()
+    dead = old.parent / f".{old.name}.tmp-{_dead_pid()}-{here}abcd"
+    live = old.parent / f".{old.name}.tmp-{os.getpid()}-{here}abcd"  # a running process's (this one's)
+    other = old.parent / f".other.tmp-{_dead_pid()}-{here}abcd"  # another output's: not ours to judge
+    elsewhere = old.parent / f".{old.name}.old-{_dead_pid()}-{'0000' if here != '0000' else '0001'}abcd"  # another host's
+    for path in (dead, live, other, elsewhere):
         (path / "train").mkdir(parents=True)
         (path / "train" / "00000.arrow").write_bytes(b"partial")
     prepare_again(old)
-    assert not dead.exists() and live.exists() and other.exists()
+    assert not dead.exists() and live.exists() and other.exists() and elsewhere.exists()
 
 
 # -- a kill at any moment leaves the old or the new dataset -------------------------------------------------
@@ -169,7 +171,7 @@ def test_sigkill_at_each_step_leaves_old_or_new_and_the_next_run_cleans_up(old, 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_neither(sample_dataset, tokenizer, tmp_path):
     rng = random.Random(0)
-    for i in range(6):
+    for i in range(4):
         out = Path(shutil.copytree(sample_dataset, tmp_path / f"ds{i}"))
         old_manifest = (out / "manifest.json").read_bytes()
         proc = run_prepare(out, tokenizer, {SWAP_ENV: "rename"} if i % 2 else None)
