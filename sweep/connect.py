@@ -7,11 +7,21 @@ or when it finds the cluster by itself (`address="auto"`); for an explicit addre
 on the same way when a token is available, so holding the token is enough. A cluster that refuses the
 client is reported at once with one line (`ClusterAuthError`) instead of Ray's 20 s of retries and a bare
 `ConnectionError`.
+
+Joining asks the address once, over gRPC, with a `PROBE_TIMEOUT_S` deadline before `ray.init`: a closed port, a
+port that is not Ray's, a dropped one and a missing token each fail within seconds with one line that names the
+address the user typed (Ray itself waits 30-45 s and then names the node IP it resolved the address to).
+
+Token files: `write_token_file` (`python -m sweep.connect --generate-token`) creates one readable by its owner
+only; `connect` warns once when the token file it will use is readable by group or others.
 """
 from __future__ import annotations
 
 import logging
 import os
+import stat
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +37,12 @@ TOKEN_HELP = (
     "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or put it in ~/.ray/auth_token); "
     "`ray get-auth-token` on the head node prints it"
 )
+
+
+PROBE_TIMEOUT_S = 5.0
+"""How long joining waits for the address to answer: a closed port answers at once, a dropped one never does."""
+
+TOKEN_FILE_MODE = 0o600
 
 
 class ClusterError(RuntimeError):
@@ -77,6 +93,7 @@ def connect(
     """
     import ray
 
+    flag = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or None
     joining = address not in (None, "local")
     if joining and (num_cpus is not None or num_gpus is not None):
@@ -87,6 +104,8 @@ def connect(
     if ray.is_initialized():
         return describe_cluster(started_local=False)
     if not joining:
+        _private_token_for_local_start()
+        warn_if_token_file_exposed()
         try:
             ray.init(
                 address="local",
@@ -100,15 +119,19 @@ def connect(
                                "(see /tmp/ray/session_latest/logs)") from e
         return describe_cluster(started_local=True)
     _enable_token_mode_if_token_available()
-    if not address.startswith("ray://"):
+    warn_if_token_file_exposed()
+    typed = address
+    if address.startswith("ray://"):
+        _probe(typed, address[len("ray://"):], flag=flag, ray_client=True)
+    else:
         address = _resolve_address(address)
-        _check_gcs_accepts_us(address)
+        _probe(typed if typed != "auto" else f"auto ({address})", address, flag=flag, ray_client=False)
     try:
         ray.init(address=address, log_to_driver=log_to_driver)
     except ray.exceptions.AuthenticationError as e:  # Ray Client (ray://) reports refusals this way
-        raise _auth_error(address) from e
+        raise _auth_error(typed) from e
     except (ConnectionError, RuntimeError) as e:
-        raise ClusterError(f"could not join the Ray cluster at {address}: {_first_line(e)}") from e
+        raise ClusterError(f"could not join the Ray cluster at {typed}: {_first_line(e)}") from e
     return describe_cluster(started_local=False)
 
 
@@ -190,17 +213,119 @@ def _resolve_address(address: str) -> str:
         raise ClusterError(f"no Ray cluster at --address {address}: {_first_line(e)}") from e
 
 
-def _check_gcs_accepts_us(gcs_address: str) -> None:
-    """Ask the cluster's GCS once, so a refused token fails in milliseconds with a clear line."""
-    from ray._raylet import GcsClient
-    from ray.exceptions import AuthenticationError
+def _probe(typed: str, target: str, *, flag: str = "--address", ray_client: bool,
+           timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Ask the GCS (or the Ray Client server) at `target` one question, with the token if we hold one.
 
+    `typed` is the address as the user gave it (in `flag`): errors name it, not the node IP Ray resolved it to.
+
+    Ray's own client retries a closed port for 30-45 s and a refused token for 30 s, then reports a timeout;
+    one gRPC call with a deadline says which of the cases it is in at most `timeout_s`.
+    """
+    import grpc
+    from ray._private.grpc_utils import init_grpc_channel
+
+    channel = init_grpc_channel(target)
     try:
-        GcsClient(address=gcs_address)
-    except AuthenticationError as e:
-        raise _auth_error(gcs_address) from e
-    except Exception as e:  # unreachable / timed out: one line, not Ray's traceback
-        raise ClusterError(f"could not reach the Ray cluster at {gcs_address}: {_first_line(e)}") from e
+        if ray_client:
+            from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+
+            request = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING)
+            ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(request, timeout=timeout_s)
+        else:
+            from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+    except grpc.RpcError as e:
+        raise _probe_error(typed, flag, e.code(), e.details() or "", ray_client=ray_client,
+                           timeout_s=timeout_s) from None
+    finally:
+        channel.close()
+
+
+def _probe_error(typed: str, flag: str, code, details: str, *, ray_client: bool, timeout_s: float) -> ClusterError:
+    """The one line for a failed probe of the address the user typed."""
+    import grpc
+
+    where = f"{flag} {typed}"
+    what = "Ray Client server" if ray_client else "Ray cluster (GCS)"
+    lower = details.lower()
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return _auth_error(typed)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ClusterError(f"no {what} answered at {where} within {timeout_s:.0f} s: a firewall or security "
+                            "group drops the port, or the host is wrong")
+    if "refused" in lower:
+        return ClusterError(f"no {what} at {where}: connection refused (nothing listens on that port: is the "
+                            "head running, and is this its port?)")
+    if "dns" in lower or "resolv" in lower or "lookup" in lower:
+        return ClusterError(f"no {what} at {where}: the host name does not resolve")
+    if code == grpc.StatusCode.UNIMPLEMENTED or "http" in lower:
+        hint = ("join a GCS port (6379 by default) without ray://" if ray_client
+                else "a Ray Client port (10001 by default) is joined as ray://HOST:PORT")
+        return ClusterError(f"{where} answers, but not as a {what}: check the port ({hint})")
+    return ClusterError(f"could not reach the {what} at {where}: {_first_line(Exception(details))}")
+
+
+def default_token_path() -> Path:
+    """Where Ray (`ray get-auth-token --generate`, a local `ray.init`) keeps the token: ~/.ray/auth_token."""
+    return Path.home() / ".ray" / "auth_token"
+
+
+def token_file_in_use() -> Path | None:
+    """The file Ray takes the token from, or None when it comes from RAY_AUTH_TOKEN or there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return None
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH", "").strip()
+    path = Path(named).expanduser() if named else default_token_path()
+    return path if path.is_file() else None
+
+
+def write_token_file(path: str | os.PathLike | None = None, *, token: str | None = None) -> Path:
+    """Create a token file only its owner can read (0600, in a 0700 directory); never overwrite one.
+
+    Ray's own `ray get-auth-token --generate` writes the file with the process umask (usually 0644), and
+    the token admits anyone who holds it to run code on the cluster.
+    """
+    import secrets
+
+    target = Path(path).expanduser() if path is not None else default_token_path()
+    if not target.parent.exists():
+        target.parent.mkdir(mode=0o700, parents=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, TOKEN_FILE_MODE)  # FileExistsError: keep it
+    with os.fdopen(fd, "w") as f:
+        f.write(token or secrets.token_hex(32))  # 256 bits, what Ray generates
+    os.chmod(target, TOKEN_FILE_MODE)  # O_CREAT's mode is masked by the umask; this one is not
+    return target
+
+
+def warn_if_token_file_exposed() -> bool:
+    """One line on stderr when the token file Ray will read is readable by group or others; True if warned."""
+    path = token_file_in_use()
+    if path is None or os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+        return False
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & 0o077:
+        return False
+    print(f"warning: the Ray token file {path} is readable by group/others (mode {mode:04o}): "
+          f"chmod 600 {path}", file=sys.stderr)
+    return True
+
+
+def _private_token_for_local_start() -> None:
+    """A local Ray 2.60 instance turns token auth on and, lacking a token, writes one readable by all (0644):
+    write it first, owner-only."""
+    if os.environ.get("RAY_AUTH_MODE", "token").strip().lower() != "token" or token_available():
+        return
+    try:
+        write_token_file()
+    except OSError as e:  # a read-only home: Ray writes its own, and we warn about its mode
+        logger.debug("could not write %s: %s", default_token_path(), e)
+        return
+    from ray._raylet import AuthenticationTokenLoader
+
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _auth_error(address: str) -> ClusterAuthError:
@@ -252,3 +377,29 @@ def _reported_node_group_max_counts() -> list[int]:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m sweep.connect --generate-token [--token-path PATH]`: a new token file, owner-only (0600)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sweep.connect", description=main.__doc__)
+    parser.add_argument("--generate-token", action="store_true", required=True,
+                        help="write a new random token to --token-path (never overwrites one)")
+    parser.add_argument("--token-path", help="where (default: RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token)")
+    args = parser.parse_args(argv)
+    path = Path(args.token_path or os.environ.get("RAY_AUTH_TOKEN_PATH") or default_token_path()).expanduser()
+    try:
+        written = write_token_file(path)
+    except FileExistsError:
+        print(f"error: {path} already exists (delete it first to rotate the token)", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: could not write {path}: {e.strerror}", file=sys.stderr)
+        return 2
+    print(written)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

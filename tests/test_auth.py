@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -150,15 +152,74 @@ def test_client_with_wrong_token_is_refused(token_cluster):
     assert "Traceback" not in done.stderr
 
 
+def _token_file(home: Path, token: str, mode: int) -> Path:
+    path = home / ".ray" / "auth_token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(token)
+    path.chmod(mode)
+    return path
+
+
+def test_client_warns_once_when_its_token_file_is_readable_by_others(token_cluster):
+    """Ray itself writes ~/.ray/auth_token 0644; connect() says so, in one line, and still joins."""
+    home = token_cluster["root"] / "loose-home"
+    path = _token_file(home, token_cluster["token"], 0o644)
+    done = _run_client(token_cluster, "loose")  # no RAY_AUTH_TOKEN: Ray reads ~/.ray/auth_token
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["answer"] == 42
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: the Ray token file {path} is readable by group/others (mode 0644): "
+                        f"chmod 600 {path}"], done.stderr
+
+
+def test_client_with_an_owner_only_token_file_does_not_warn(token_cluster):
+    home = token_cluster["root"] / "tight-home"
+    _token_file(home, token_cluster["token"], 0o600)
+    done = _run_client(token_cluster, "tight")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "warning:" not in done.stderr
+
+
+def test_generate_token_writes_an_owner_only_file_and_never_overwrites(tmp_path):
+    """`python -m sweep.connect --generate-token` (docs/cluster.md, step 2): 0600 under any umask, in a 0700 dir."""
+    env = _clean_env(tmp_path / "home")
+    command = [sys.executable, "-c", "import os, sys; os.umask(0o022); from sweep.connect import main; "
+               "sys.exit(main(sys.argv[1:]))", "--generate-token"]
+    first = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    path = tmp_path / "home" / ".ray" / "auth_token"
+    assert first.returncode == 0 and first.stdout.strip() == str(path), first.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    token = path.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token)
+    again = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"error: {path} already exists (delete it first to rotate the token)"]
+    assert path.read_text() == token
+    custom = tmp_path / "elsewhere" / "token"
+    third = subprocess.run([*command, "--token-path", str(custom)], env=env, cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    assert third.returncode == 0 and stat.S_IMODE(custom.stat().st_mode) == 0o600, third.stderr
+
+
+@pytest.mark.slow
+def test_a_local_instance_gets_an_owner_only_token(tmp_path):
+    """Ray 2.60 turns token auth on for a local instance and would write its new token 0644; connect() writes
+    it first, 0600, and Ray uses that one."""
+    env = _clean_env(tmp_path / "home")
+    script = ("from sweep.connect import connect; info = connect(None, num_cpus=1, include_dashboard=False, "
+              "log_to_driver=False); print(info.auth_mode)")
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=180, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    path = tmp_path / "home" / ".ray" / "auth_token"
+    assert done.stdout.strip().splitlines()[-1] == "token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "warning: the Ray token file" not in done.stderr
+
+
 @pytest.mark.slow
 def test_sweep_cli_runs_on_the_token_cluster(token_cluster, request, tmp_path):
     """A tiny CPU sweep through `python -m sweep.run --address` on the authenticated cluster."""
-    if not (REPO / "sweep" / "run.py").exists():
-        pytest.skip("python -m sweep.run is not written yet")
-    source = (REPO / "sweep" / "run.py").read_text()  # its --help imports torch: too slow for a probe
-    needed = ["--address", "--storage-path", '"--name"', "max_steps"]
-    if missing := [flag for flag in needed if flag not in source]:
-        pytest.skip(f"python -m sweep.run has no {', '.join(missing)} yet")
     sample_dataset = request.getfixturevalue("sample_dataset")  # only once the CLI exists
     # The token and RAY_AUTH_MODE=token, as docs/cluster.md tells users to export them.
     env = _clean_env(token_cluster["root"] / "sweep-home", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token_cluster["token"])
