@@ -37,9 +37,11 @@ _AT_FDCWD = -100
 
 
 def step(name: str) -> None:
-    """A point a kill test can stop at: `DATA_PREP_KILL_AT=name` kills this process right here, uncatchably."""
-    if os.environ.get(KILL_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """A point a kill test can stop at: `DATA_PREP_KILL_AT=name` SIGKILLs this process right here (uncatchably);
+    `name:INT` sends SIGINT instead (a Ctrl-C at that moment)."""
+    at, _, signame = os.environ.get(KILL_ENV, "").partition(":")
+    if at == name:
+        os.kill(os.getpid(), signal.SIGINT if signame == "INT" else signal.SIGKILL)
 
 
 def host_tag() -> str:
@@ -157,8 +159,13 @@ def install(tmp: Path, out: Path, replace: bool) -> None:
     else:
         old = sibling(out, "old")
         os.rename(out, old)
-        step("old-aside")
-        os.rename(tmp, out)
+        try:
+            step("old-aside")
+            os.rename(tmp, out)
+        except BaseException:  # Ctrl-C or a failed rename between the two: the old dataset goes back
+            with contextlib.suppress(OSError):
+                os.rename(old, out)
+            raise
         step("new-in-place")
         remove_dataset(old)
     with contextlib.suppress(OSError):

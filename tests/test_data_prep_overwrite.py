@@ -189,3 +189,14 @@ def test_a_failed_run_removes_the_parent_directories_it_created(tmp_path):
     with pytest.raises(DataPrepError, match="empty corpus"):
         prepare_dataset(empty, tmp_path / "new" / "deep" / "ds", vocab_size=300, seq_len=16, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_between_the_two_renames_puts_the_old_dataset_back_at_once(old, tokenizer):
+    old_manifest = (old / "manifest.json").read_bytes()
+    proc = run_prepare(old, tokenizer, {KILL_ENV: "old-aside:INT", SWAP_ENV: "rename"})
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.decode().strip() == "interrupted: nothing was written", stderr
+    assert (old / "manifest.json").read_bytes() == old_manifest  # in place without any recovery
+    assert hidden_siblings(old) == []
+    open_dataset(old, verify="full")
