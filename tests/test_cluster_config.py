@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
+import json
 import re
 import shlex
 from pathlib import Path
@@ -205,3 +207,128 @@ def _all_env(node) -> list[dict]:
     if isinstance(node, list):
         return [e for v in node for e in _all_env(v)]
     return []
+
+
+# Metrics: Ray 2.60 cannot bind /metrics to localhost on a node whose IP is not loopback, and the port is not
+# behind the token (tests/test_multinode.py shows both): it is pinned so the security notes can name it.
+def test_metrics_port_is_pinned_on_every_node(cluster):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in ray_start_commands(cluster[key]):
+            assert "--metrics-export-port=8080" in shlex.split(command.replace(";", " ")), command
+    docs = (REPO / "docs" / "cluster.md").read_text()
+    assert all(port in docs for port in ("8080", "44227", "44217"))
+
+
+# IAM: the GPU workers' instance profile may read the data prefix and write the results prefix, nothing else.
+IAM = REPO / "iam"
+BUCKET_ARN = "arn:aws:s3:::REPLACE_WITH_BUCKET"
+WORKER_PROFILE = "memeff-sweep-worker"
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _condition_holds(condition: dict, context: dict[str, str]) -> bool:
+    """The IAM condition operators the shipped policies use; any other fails the test (no silent pass)."""
+    for operator, keys in condition.items():
+        for key, wanted in keys.items():
+            if key not in context:
+                return False
+            if operator == "StringLike":
+                if not any(fnmatch.fnmatchcase(context[key], pattern) for pattern in _as_list(wanted)):
+                    return False
+            elif operator == "StringEquals":
+                if context[key] not in _as_list(wanted):
+                    return False
+            else:
+                raise AssertionError(f"condition operator {operator} not understood by this check")
+    return True
+
+
+def allowed(policy: dict, action: str, resource: str, context: dict[str, str] | None = None) -> bool:
+    """Whether an identity policy of Allow statements allows the request (IAM wildcards; actions ignore case)."""
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow" and not {"NotAction", "NotResource", "NotPrincipal"} & set(statement)
+        if not any(fnmatch.fnmatch(action.lower(), a.lower()) for a in _as_list(statement["Action"])):
+            continue
+        if not any(fnmatch.fnmatchcase(resource, r) for r in _as_list(statement["Resource"])):
+            continue
+        if _condition_holds(statement.get("Condition", {}), context or {}):
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def worker_policy() -> dict:
+    return json.loads((IAM / "worker-policy.json").read_text())
+
+
+@pytest.mark.parametrize(("action", "resource", "context"), [
+    ("s3:GetObject", f"{BUCKET_ARN}/prepared/sample-bpe8192-s512/manifest.json", None),
+    ("s3:GetObject", f"{BUCKET_ARN}/prepared/NAME/train/00000.arrow", None),
+    ("s3:PutObject", f"{BUCKET_ARN}/memeff/seed-1/bf16_bs32/result.json", None),
+    ("s3:GetObject", f"{BUCKET_ARN}/memeff/seed-1/bf16_bs32/checkpoint_000003/state.pt", None),  # a restart
+    ("s3:DeleteObject", f"{BUCKET_ARN}/memeff/seed-1/bf16_bs32/checkpoint_000001/state.pt", None),  # num_to_keep
+    ("s3:AbortMultipartUpload", f"{BUCKET_ARN}/memeff/seed-1/bf16_bs32/checkpoint_000003/state.pt", None),
+    ("s3:ListBucket", BUCKET_ARN, {"s3:prefix": "memeff/seed-1/bf16_bs32/"}),
+    ("s3:ListBucket", BUCKET_ARN, {"s3:prefix": "prepared/sample-bpe8192-s512/"}),
+    ("s3:GetBucketLocation", BUCKET_ARN, None),
+])
+def test_worker_policy_allows_reading_data_and_writing_results(worker_policy, action, resource, context):
+    assert allowed(worker_policy, action, resource, context)
+
+
+@pytest.mark.parametrize(("action", "resource", "context"), [
+    ("s3:PutObject", f"{BUCKET_ARN}/prepared/sample-bpe8192-s512/manifest.json", None),  # the data is read-only
+    ("s3:DeleteObject", f"{BUCKET_ARN}/prepared/NAME/train/00000.arrow", None),
+    ("s3:GetObject", f"{BUCKET_ARN}/secrets/credentials.csv", None),  # other prefixes of the same bucket
+    ("s3:PutObject", f"{BUCKET_ARN}/memeff-other/x", None),
+    ("s3:GetObject", "arn:aws:s3:::another-bucket/memeff/seed-1/result.json", None),
+    ("s3:PutObjectAcl", f"{BUCKET_ARN}/memeff/seed-1/result.json", None),  # no making results public
+    ("s3:PutBucketPolicy", BUCKET_ARN, None),
+    ("s3:DeleteBucket", BUCKET_ARN, None),
+    ("s3:ListBucket", BUCKET_ARN, {"s3:prefix": ""}),  # no listing the whole bucket
+    ("s3:ListBucket", BUCKET_ARN, {"s3:prefix": "secrets/"}),
+    ("s3:ListBucket", BUCKET_ARN, None),
+    ("s3:ListAllMyBuckets", "*", None),
+    ("ec2:RunInstances", "*", None),  # the head launches nodes, never a worker
+    ("ec2:TerminateInstances", "*", None),
+    ("iam:PassRole", "arn:aws:iam::123456789012:role/ray-autoscaler-v1", None),
+    ("sts:AssumeRole", "*", None),
+    ("ssm:GetParameter", "*", None),
+])
+def test_worker_policy_denies_everything_else(worker_policy, action, resource, context):
+    assert not allowed(worker_policy, action, resource, context)
+
+
+def test_worker_policy_names_only_s3_actions_on_the_bucket(worker_policy):
+    for statement in worker_policy["Statement"]:
+        for action in _as_list(statement["Action"]):
+            assert action.startswith("s3:") and "*" not in action, action
+        for resource in _as_list(statement["Resource"]):
+            assert resource == BUCKET_ARN or resource in (f"{BUCKET_ARN}/prepared/*", f"{BUCKET_ARN}/memeff/*")
+
+
+def test_workers_use_the_least_privilege_profile_and_the_head_may_pass_only_it(cluster):
+    types = cluster["available_node_types"]
+    head = types[cluster["head_node_type"]]["node_config"]
+    assert "IamInstanceProfile" not in head  # Ray's own head profile (it launches the workers)
+    for name, node_type in types.items():
+        if name != cluster["head_node_type"]:
+            assert node_type["node_config"]["IamInstanceProfile"] == {"Name": WORKER_PROFILE}, name
+    assert "ray-autoscaler-v1" not in "\n".join(
+        line for line in CLUSTER_YAML.read_text().splitlines() if "IamInstanceProfile" in line)
+    trust = json.loads((IAM / "worker-trust-policy.json").read_text())["Statement"]
+    assert trust == [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]
+    passrole = json.loads((IAM / "head-passrole-policy.json").read_text())
+    worker_role = f"arn:aws:iam::REPLACE_WITH_ACCOUNT_ID:role/{WORKER_PROFILE}"
+    ec2 = {"iam:PassedToService": "ec2.amazonaws.com"}
+    assert allowed(passrole, "iam:PassRole", worker_role, ec2)
+    assert not allowed(passrole, "iam:PassRole", "arn:aws:iam::REPLACE_WITH_ACCOUNT_ID:role/admin", ec2)
+    assert not allowed(passrole, "iam:PassRole", worker_role, {"iam:PassedToService": "lambda.amazonaws.com"})
+    assert not allowed(passrole, "iam:CreateRole", "*")
+    docs = (REPO / "docs" / "cluster.md").read_text()
+    for needed in ("iam/worker-policy.json", "iam/worker-trust-policy.json", "iam/head-passrole-policy.json",
+                   f"--instance-profile-name {WORKER_PROFILE}"):
+        assert needed in docs, needed

@@ -164,6 +164,7 @@ class Cluster:
         self.token = secrets.token_hex(32)
         self.nodes: dict[str, Node] = {}
         self.gcs_port = self.dashboard_port = self.client_port = 0
+        self.head_metrics: dict[str, int] = {}  # the head's fixed-by-default Prometheus ports, made free ones here
         self.generation = 0
 
     @property
@@ -188,7 +189,8 @@ class Cluster:
 
     def start(self, workers: tuple[str, ...] = WORKERS) -> None:
         self.generation += 1
-        self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
+        self.gcs_port, self.dashboard_port, self.client_port, dashboard_metrics, autoscaler_metrics = free_ports(5)
+        self.head_metrics = {"DASHBOARD_METRIC_PORT": dashboard_metrics, "AUTOSCALER_METRIC_PORT": autoscaler_metrics}
         self.add_node("head", head=True)
         with ThreadPoolExecutor(len(workers)) as pool:
             list(pool.map(lambda name: self.add_node(name), workers))
@@ -214,8 +216,9 @@ class Cluster:
         if hide is not None:  # unshare -> sh -> exec ray: the node's processes live in the new mount namespace
             mount = f"mount -t tmpfs -o size=1m memeff-hidden {hide} && exec \"$@\""
             args = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh", *args]
+        head_env = {**FAST_HEALTH_CHECK, **{k: str(v) for k, v in self.head_metrics.items()}} if head else {}
         env = self.base_env(self.root / f"home-node-{name}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
-                            **(FAST_HEALTH_CHECK if head else {}))
+                            **head_env)
         if pythonpath is not None:
             env["PYTHONPATH"] = str(pythonpath)
         log = self.root / f"g{self.generation}-{name}.log"
@@ -428,16 +431,16 @@ def test_dashboard_http_api_needs_the_token(cluster):
 
 @pytest.mark.timeout(60)
 def test_metrics_ports_answer_without_the_token(cluster):
-    """What docs/cluster.md's security notes say: each node's Prometheus /metrics port is not behind the token,
-    and (node IP not loopback) listens on every interface; only the network keeps it in."""
-    agents = [n for n in cluster.state("nodes") if n["state"] == "ALIVE"]
-    ports = []
+    """What docs/cluster.md's security notes say: each node's Prometheus /metrics port, and the head's dashboard and
+    autoscaler ones (44227 and 44217 by default; free ports here), are not behind the token, and (node IP not
+    loopback) listen on the node's IP; only the network keeps them in."""
+    ip = next(n["node_ip"] for n in cluster.state("nodes") if n["state"] == "ALIVE")
+    ports = [(name, port) for name, port in cluster.head_metrics.items()]
     for node in cluster.nodes.values():
         match = re.search(r"--metrics-export-port=(\d+)", " ".join(node.proc.args))
         ports.append((node.name, int(match.group(1))))
     answered = {}
     for name, port in ports:
-        ip = agents[0]["node_ip"]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
