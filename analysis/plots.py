@@ -5,7 +5,6 @@ Each plot is a function `SweepResults -> (file name, Figure)` in `PLOTS`; a plot
 """
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import matplotlib
@@ -16,7 +15,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-from .load import BASELINE_LABELS, SweepResults, step_rows  # noqa: E402
+from contract.techniques import BASELINE_LABELS  # noqa: E402
+
+from .load import SweepResults, step_rows  # noqa: E402
 
 PREFERRED_COMPARISON_BATCH = 128
 OOM_STYLE = dict(marker="x", color="red", s=90, linewidths=2.5, zorder=5)
@@ -43,13 +44,13 @@ def comparison_batch_size(results: SweepResults) -> int | None:
 
 def baseline_label(trials: pd.DataFrame) -> str | None:
     """The reference technique the sweep ran (first of BASELINE_LABELS present)."""
-    present = set(trials["technique"].dropna())
+    present = set(trials["label"].dropna())
     return next((label for label in BASELINE_LABELS if label in present), None)
 
 
 def technique_colors(trials: pd.DataFrame) -> dict[str, tuple]:
     """One colour per technique, the same in every plot."""
-    techniques = sorted(str(t) for t in trials["technique"].dropna().unique())
+    techniques = sorted(str(t) for t in trials["label"].dropna().unique())
     cmap = plt.get_cmap("tab10" if len(techniques) <= 10 else "tab20")
     return {t: cmap(i % cmap.N) for i, t in enumerate(techniques)}
 
@@ -95,8 +96,8 @@ LIMIT_LINE_MIN_SHARE = 0.5
 
 
 def _memory_limit_mib(trials: pd.DataFrame) -> tuple[float | None, bool]:
-    """The memory trials could use (MiB) and whether it was an emulated limit (`gpu_memory_limit_gb`)."""
-    limit = trials["gpu_memory_limit_gb"].dropna()
+    """The memory trials could use (MiB) and whether it was an emulated limit (`gpu_memory_gb`)."""
+    limit = trials["gpu_memory_gb"].dropna()
     if len(limit) and limit.max() > 0:
         return float(limit.max()) * 1024, True
     total = trials["gpu_total_mib"].dropna()
@@ -117,7 +118,7 @@ def _mark_ooms(ax, ooms: pd.DataFrame, y: pd.Series | float, label: str) -> None
     ys = list(y) if isinstance(y, pd.Series) else [y] * len(ooms)
     ax.scatter(ooms["batch_size"], ys, label=label, **OOM_STYLE)
     seen: dict[float, int] = {}
-    for x, y_at, technique in zip(ooms["batch_size"], ys, ooms["technique"]):
+    for x, y_at, technique in zip(ooms["batch_size"], ys, ooms["label"]):
         stack = seen[x] = seen.get(x, -1) + 1  # several OOMs at one batch size: labels stack upwards
         ax.annotate(str(technique), (x, y_at), xytext=(6, 4 + 9 * stack), textcoords="offset points",
                     color="red", fontsize=7)
@@ -131,7 +132,7 @@ def plot_memory_vs_batch(results: SweepResults) -> tuple[str, Figure]:
         raise SkipPlot("1_memory_vs_batch_size.png skipped: no trial reported peak memory")
     styles = technique_style(trials)
     fig, ax = plt.subplots(figsize=(9, 6))
-    for technique, group in ok.sort_values("batch_size").groupby("technique"):
+    for technique, group in ok.sort_values("batch_size").groupby("label"):
         ax.plot(group["batch_size"], group["peak_mem_mib"], "-", label=technique, **styles[str(technique)])
     limit, emulated = _memory_limit_mib(trials)
     oom_y = ooms["oom_mem_peak_mib"].fillna(ooms["peak_mem_mib"])
@@ -159,7 +160,7 @@ def plot_speed_vs_batch(results: SweepResults) -> tuple[str, Figure]:
     ooms = trials[trials["status"] == "oom"].dropna(subset=["batch_size"])
     styles = technique_style(trials)
     fig, ax = plt.subplots(figsize=(9, 6))
-    for technique, group in ok.sort_values("batch_size").groupby("technique"):
+    for technique, group in ok.sort_values("batch_size").groupby("label"):
         ax.plot(group["batch_size"], group["tokens_per_s"], "-", label=technique, **styles[str(technique)])
     _mark_ooms(ax, ooms, 0.0, "OOM (no throughput)")
     _batch_axis(ax, trials["batch_size"])
@@ -190,7 +191,7 @@ def plot_tradeoff(results: SweepResults) -> tuple[str, Figure]:
         raise SkipPlot("3_memory_speed_tradeoff.png skipped: "
                        "no completed trial reported both peak memory and tokens_per_s")
     fig, ax = plt.subplots(figsize=(9, 6))
-    for technique, group in ok.groupby("technique"):
+    for technique, group in ok.groupby("label"):
         ax.scatter(group["peak_mem_mib"], group["tokens_per_s"], color=colors[str(technique)], label=technique, s=45)
     for _, row in ok.iterrows():
         ax.annotate(f"bs{int(row['batch_size'])}", (row["peak_mem_mib"], row["tokens_per_s"]), fontsize=7,
@@ -213,8 +214,8 @@ def plot_technique_comparison(results: SweepResults) -> tuple[str, Figure]:
         raise SkipPlot("4_technique_comparison_bsN.png skipped: no completed trial to compare")
     trials, colors = results.trials, technique_colors(results.trials)
     at_batch = trials[(trials["batch_size"] == batch) & trials["status"].isin(["ok", "oom"])]
-    at_batch = at_batch.sort_values("technique")
-    labels = [str(t) for t in at_batch["technique"]]
+    at_batch = at_batch.sort_values("label")
+    labels = [str(t) for t in at_batch["label"]]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
     panels = (("peak_mem_mib", "peak GPU memory (MiB)"), ("tokens_per_s", "throughput (tokens/s)"),
               ("val_ppl", "validation perplexity"))
@@ -258,19 +259,12 @@ def _short(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
-def window_family(technique: str) -> str:
-    """The technique without its window part: `bf16_window16` -> `bf16`."""
-    family = re.sub(r"_?(sliding_?)?window\d*", "", str(technique)).strip("_")
-    return family or "full"
-
-
 def plot_window_comparison(results: SweepResults) -> tuple[str, Figure]:
     trials = results.trials
     ok = ok_trials(results)
     windowed = ok[ok["window"].fillna(0) > 0]
     if windowed.empty:
         raise SkipPlot("5_window_size_comparison.png skipped: no completed sliding-window trials")
-    windowed = windowed.assign(family=windowed["technique"].map(window_family))
     full = ok[ok["window"].fillna(0) <= 0]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5))
     panels = (("peak_mem_mib", "peak GPU memory (MiB)"), ("tokens_per_s", "throughput (tokens/s)"),
@@ -282,7 +276,7 @@ def plot_window_comparison(results: SweepResults) -> tuple[str, Figure]:
         for i, ((family, batch), group) in enumerate(groups):
             color = cmap(i % cmap.N)
             ax.plot(group["window"], group[column], "o-", color=color, label=f"{family} bs{int(batch)}")
-            reference = full[(full["technique"] == family) & (full["batch_size"] == batch)][column].dropna()
+            reference = full[(full["label"] == family) & (full["batch_size"] == batch)][column].dropna()
             if len(reference):
                 ax.axhline(reference.iloc[0], color=color, ls=":", lw=1, label=f"{family} bs{int(batch)} full attn")
         ax.set_xscale("log", base=2)
@@ -309,14 +303,14 @@ def memory_savings(results: SweepResults) -> pd.DataFrame:
     label = baseline_label(ok)
     if label is None:
         return pd.DataFrame()
-    base = ok[ok["technique"] == label].drop_duplicates("batch_size").set_index("batch_size")
+    base = ok[ok["label"] == label].drop_duplicates("batch_size").set_index("batch_size")
     rows = []
-    for _, row in ok[ok["technique"] != label].iterrows():
+    for _, row in ok[ok["label"] != label].iterrows():
         if row["batch_size"] not in base.index:
             continue
         ref = base.loc[row["batch_size"]]
         rows.append({
-            "technique": row["technique"], "batch_size": int(row["batch_size"]), "baseline": label,
+            "label": row["label"], "batch_size": int(row["batch_size"]), "baseline": label,
             "peak_mem_mib": row["peak_mem_mib"], "baseline_peak_mem_mib": ref["peak_mem_mib"],
             "memory_saving_pct": 100 * (1 - row["peak_mem_mib"] / ref["peak_mem_mib"]),
             "tokens_per_s": row["tokens_per_s"], "baseline_tokens_per_s": ref["tokens_per_s"],
@@ -336,11 +330,11 @@ def plot_memory_savings(results: SweepResults) -> tuple[str, Figure]:
         raise SkipPlot("6_memory_savings_vs_baseline.png skipped: no technique completed at a baseline batch size")
     colors = technique_colors(results.trials)
     batches = sorted(savings["batch_size"].unique())
-    techniques = sorted(savings["technique"].unique())
+    techniques = sorted(savings["label"].unique())
     width = 0.8 / len(techniques)
     fig, ax = plt.subplots(figsize=(max(9, 1.6 * len(batches) * max(1, len(techniques) / 3)), 6))
     for i, technique in enumerate(techniques):
-        rows = savings[savings["technique"] == technique].set_index("batch_size")
+        rows = savings[savings["label"] == technique].set_index("batch_size")
         xs = [b_i + (i - (len(techniques) - 1) / 2) * width for b_i, b in enumerate(batches) if b in rows.index]
         ys = [rows.loc[b, "memory_saving_pct"] for b in batches if b in rows.index]
         bars = ax.bar(xs, ys, width=width, color=colors[str(technique)], label=technique)
@@ -371,10 +365,10 @@ def plot_loss_curves(results: SweepResults) -> tuple[str, Figure]:
             trial = names.loc[trial_id]
             if batch is not None and trial["batch_size"] != batch:
                 continue
-            color = colors.get(str(trial["technique"]), "gray")
+            color = colors.get(str(trial["label"]), "gray")
             train = step_rows(history).dropna(subset=["loss"])
             style = "-" if trial["status"] == "ok" else ":"
-            label = trial["technique"] if trial["status"] == "ok" else f"{trial['technique']} ({trial['status']})"
+            label = trial["label"] if trial["status"] == "ok" else f"{trial['label']} ({trial['status']})"
             ax.plot(train["step"], train["loss"], style, color=color, lw=1.2, label=label)
             if "val_loss" in history:
                 val = history.dropna(subset=["step", "val_loss"])
@@ -402,20 +396,20 @@ def plot_max_batch(results: SweepResults) -> tuple[str, Figure]:
     if frame.empty or "max_batch_size" not in frame:
         raise SkipPlot("8_max_batch.png skipped: no max-batch search records")
     frame = frame.assign(
-        technique=frame["technique"].astype(str),
-        limit=frame["gpu_memory_limit_gb"].map(_limit_label) if "gpu_memory_limit_gb" in frame else "full GPU",
+        label=frame["label"].astype(str),
+        limit=frame["gpu_memory_gb"].map(_limit_label) if "gpu_memory_gb" in frame else "full GPU",
         max_batch_size=pd.to_numeric(frame["max_batch_size"], errors="coerce"),
         predicted=pd.to_numeric(frame["predicted_max_batch"], errors="coerce") if "predicted_max_batch" in frame
         else float("nan"),
     )
-    order = frame.groupby("technique")["max_batch_size"].max().sort_values(ascending=False, na_position="last")
+    order = frame.groupby("label")["max_batch_size"].max().sort_values(ascending=False, na_position="last")
     techniques, limits = list(order.index), sorted(frame["limit"].unique(), key=lambda lim: (lim == "full GPU", lim))
     colors, cmap = technique_colors(frame), plt.get_cmap("tab10")
     width = 0.8 / len(limits)
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(techniques) * max(1, len(limits) / 1.5)), 5.5))
     labelled: set[str] = set()
     for j, limit in enumerate(limits):
-        rows = frame[frame["limit"] == limit].drop_duplicates("technique", keep="last").set_index("technique")
+        rows = frame[frame["limit"] == limit].drop_duplicates("label", keep="last").set_index("label")
         for i, technique in enumerate(techniques):
             if technique not in rows.index:
                 continue
@@ -457,4 +451,3 @@ TRAINING_PLOTS: tuple[Callable[[SweepResults], tuple[str, Figure]], ...] = (
     plot_window_comparison, plot_memory_savings, plot_loss_curves,
 )
 SEARCH_PLOTS: tuple[Callable[[SweepResults], tuple[str, Figure]], ...] = (plot_max_batch,)
-PLOTS = TRAINING_PLOTS + SEARCH_PLOTS

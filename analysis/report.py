@@ -11,7 +11,7 @@ import pandas as pd
 from .load import SPEED_RULE_SKIP, WARMUP_STEPS, SweepResults
 from .plots import (
     PREFERRED_COMPARISON_BATCH, SEARCH_PLOTS, TRAINING_PLOTS, SkipPlot, baseline_label, comparison_batch_size,
-    memory_savings, ok_trials,
+    memory_savings, ok_trials, plot_technique_comparison,
 )
 
 STATUS_ORDER = {"ok": 0, "oom": 1, "error": 2, "incomplete": 3}
@@ -55,8 +55,8 @@ def _compile_cell(trial: pd.Series) -> str:
 
 def _sorted_trials(trials: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     return trials.assign(
-        _base=trials["technique"] != baseline, _status=trials["status"].map(STATUS_ORDER).fillna(9),
-        _technique=trials["technique"].astype(str),
+        _base=trials["label"] != baseline, _status=trials["status"].map(STATUS_ORDER).fillna(9),
+        _technique=trials["label"].astype(str),
     ).sort_values(["batch_size", "_base", "_technique", "_status"]).drop(columns=["_base", "_status", "_technique"])
 
 
@@ -65,7 +65,7 @@ def comparison_table(results: SweepResults) -> Table:
     training = results.training()
     trials = _sorted_trials(training.trials, baseline_label(training.trials))
     rows = [[
-        str(t["technique"]), _num(t["batch_size"], 0), str(t["status"]), _num(t["val_ppl"], 2, False),
+        str(t["label"]), _num(t["batch_size"], 0), str(t["status"]), _num(t["val_ppl"], 2, False),
         _num(t["train_time_s"], 1), _num(t["peak_mem_mib"], 0), _num(t["tokens_per_s"], 0), _mfu(t["mfu"]),
         _compile_cell(t), _params(t["num_params"]),
         str(t["attention_kernel"]) if pd.notna(t["attention_kernel"]) else "-",
@@ -105,7 +105,7 @@ def memory_table(results: SweepResults) -> Table:
     if trials["peak_mem_mib"].isna().all():
         return Table("Memory details (MiB)", [], [], ["No GPU memory measured (CPU trials, or no completed trial)."])
     rows = [[
-        str(t["technique"]), _num(t["batch_size"], 0), str(t["status"]), _num(t["fwd_peak_mean_mib"], 0),
+        str(t["label"]), _num(t["batch_size"], 0), str(t["status"]), _num(t["fwd_peak_mean_mib"], 0),
         _num(t["fwd_peak_max_mib"], 0), _num(t["bwd_peak_mean_mib"], 0), _num(t["bwd_peak_max_mib"], 0),
         _num(t["opt_peak_max_mib"], 0), _num(t["peak_mem_mib"], 0), _num(t["reserved_mib"], 0),
     ] for _, t in trials.iterrows()]
@@ -126,9 +126,9 @@ def baseline_table(results: SweepResults) -> Table:
     if savings.empty:
         reason = "no completed baseline trial" if label is None else "no technique completed at a baseline batch size"
         return Table("Versus baseline at the same batch size", [], [], [f"Not computed: {reason}."])
-    savings = savings.sort_values(["batch_size", "technique"])
+    savings = savings.sort_values(["batch_size", "label"])
     rows = [[
-        str(s["technique"]), str(s["batch_size"]), _num(s["peak_mem_mib"], 0), _num(s["baseline_peak_mem_mib"], 0),
+        str(s["label"]), str(s["batch_size"]), _num(s["peak_mem_mib"], 0), _num(s["baseline_peak_mem_mib"], 0),
         _pct(s["memory_saving_pct"]), _num(s["tokens_per_s"], 0), _pct(s["speed_change_pct"]),
         _num(s["val_ppl"], 2, False), _num(s["baseline_val_ppl"], 2, False),
     ] for _, s in savings.iterrows()]
@@ -156,7 +156,7 @@ def best_table(results: SweepResults) -> Table:
             rows.append([goal, "-", "-"])
             continue
         best = at.loc[getattr(values, pick)()]
-        rows.append([goal, str(best["technique"]), f"{_num(best[column], digits)} {unit}"])
+        rows.append([goal, str(best["label"]), f"{_num(best[column], digits)} {unit}"])
     notes = [f"Compared at batch size {batch}" + (
         "." if batch == PREFERRED_COMPARISON_BATCH
         else f" (the largest batch size with completed trials; none at {PREFERRED_COMPARISON_BATCH}).")]
@@ -164,8 +164,8 @@ def best_table(results: SweepResults) -> Table:
         fits = results.max_batch.dropna(subset=["max_batch_size"])
         if not fits.empty:
             top = fits.loc[fits["max_batch_size"].idxmax()]
-            rows.append(["largest batch that fits", str(top["technique"]) + _window_suffix(top.get("window")),
-                         f"{int(top['max_batch_size'])} sequences ({_limit_cell(top.get('gpu_memory_limit_gb'))})"])
+            rows.append(["largest batch that fits", str(top["label"]) + _window_suffix(top.get("window")),
+                         f"{int(top['max_batch_size'])} sequences ({_limit_cell(top.get('gpu_memory_gb'))})"])
     return Table("Best technique", ["goal", "technique", "value"], rows, notes)
 
 
@@ -182,7 +182,7 @@ def max_batch_table(results: SweepResults) -> Table | None:
         frame = frame.sort_values("max_batch_size", ascending=False, na_position="last")
     records = frame.to_dict("records")
     rows = [[
-        str(r.get("technique", "-")), _window_cell(r.get("window")), _limit_cell(r.get("gpu_memory_limit_gb")),
+        str(r.get("label", "-")), _window_cell(r.get("window")), _limit_cell(r.get("gpu_memory_gb")),
         (">=" if r.get("hit_upper_bound") is True else "") + _num(r.get("max_batch_size"), 0),
         _num(r.get("peak_mem_mib"), 0), _num(r.get("predicted_max_batch"), 0),
         _probes_rounds(_probe_count(r.get("probes")), r.get("rounds")),
@@ -241,12 +241,9 @@ def _unfinished_search_notes(results: SweepResults, records: list[dict]) -> list
     probes = results.probes
     if probes.empty:
         return []
-    done = {(str(r.get("technique")), _limit_cell(r.get("gpu_memory_limit_gb"))) for r in records}
-    # a probe that never reported has no gpu_memory_limit_gb; its config's gpu_memory_gb is what it was given
-    limits = probes["gpu_memory_limit_gb"]
-    if "gpu_memory_gb" in probes:
-        limits = limits.fillna(pd.to_numeric(probes["gpu_memory_gb"], errors="coerce"))
-    ran = probes.assign(_key=[(str(t), _limit_cell(g)) for t, g in zip(probes["technique"], limits)])
+    done = {(str(r.get("label")), _limit_cell(r.get("gpu_memory_gb"))) for r in records}
+    limits = pd.to_numeric(probes["gpu_memory_gb"], errors="coerce")
+    ran = probes.assign(_key=[(str(t), _limit_cell(g)) for t, g in zip(probes["label"], limits)])
     notes = []
     for key, group in ran.groupby("_key", sort=True):
         if key not in done:
@@ -263,9 +260,9 @@ def probes_table(results: SweepResults) -> Table | None:
     probes = results.probes
     if probes.empty:
         return None
-    probes = probes.assign(_technique=probes["technique"].astype(str)).sort_values(["_technique", "batch_size"])
+    probes = probes.assign(_technique=probes["label"].astype(str)).sort_values(["_technique", "batch_size"])
     rows = [[
-        str(t["name"]), str(t["technique"]), _num(t["batch_size"], 0), PROBE_OUTCOME.get(t["status"], t["status"]),
+        str(t["name"]), str(t["label"]), _num(t["batch_size"], 0), PROBE_OUTCOME.get(t["status"], t["status"]),
         str(t["steps_reported"]), _num(t["peak_mem_mib"], 0), _num(t["tokens_per_s"], 0), _mfu(t["mfu"]),
         str(t["oom_phase"]) if _present(t["oom_phase"]) else "-",
     ] for _, t in probes.iterrows()]
@@ -330,7 +327,7 @@ def summary_lines(results: SweepResults) -> list[str]:
         lines.append(f"Max-batch search: {len(results.probes)} of these trials are its probes")
     if gpus:
         lines.append(f"GPU: {', '.join(gpus)}")
-    limits = trials["gpu_memory_limit_gb"].dropna()
+    limits = trials["gpu_memory_gb"].dropna()
     if len(limits) and limits.max() > 0:
         lines.append(f"GPU memory limit: {limits.max():g} GB")
     return lines
@@ -433,10 +430,10 @@ def draw_plots(results: SweepResults, out_dir: Path) -> tuple[dict[str, Path], l
             written[name] = _atomic_write(out_dir / name, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight"))
         finally:
             plt.close(fig)
-        if name.startswith("4_"):
-            batch = name.rsplit("_bs", 1)[1].removesuffix(".png")
+        if plot is plot_technique_comparison:
+            batch = comparison_batch_size(source)
             notes.append(f"{name}: techniques compared at batch size {batch}"
-                         + ("" if int(batch) == PREFERRED_COMPARISON_BATCH else
+                         + ("" if batch == PREFERRED_COMPARISON_BATCH else
                             f" (largest batch size with completed trials; no bs{PREFERRED_COMPARISON_BATCH})"))
     return written, notes
 

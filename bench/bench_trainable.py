@@ -39,12 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainable import TECHNIQUES, ConfigError, TrialConfig, is_oom_error, run_trial  # noqa: E402
-from trainable.attention import select_kernel  # noqa: E402
 from trainable.compile_policy import build_forward_loss, release_compiled  # noqa: E402
 from trainable.flops import mfu, model_flops_per_token, peak_bf16_flops  # noqa: E402
 from trainable.losses import LOSSES  # noqa: E402
-from trainable.precision import PRECISIONS, tf32_matmuls  # noqa: E402
-from trainable.trial import build_model, build_optimizer, lr_multiplier, model_config, open_trial_data  # noqa: E402
+from trainable.precision import tf32_matmuls  # noqa: E402
+from trainable.setup import build_optimizer, build_run, lr_multiplier, model_config  # noqa: E402
 
 DEFAULT_TECHNIQUES = "baseline,flash,flash+compile,fused_ce,fused_ce+compile,flash+sac"
 DEFAULT_VOCABS = "10000,50257"
@@ -118,34 +117,20 @@ def make_report(kind: str):
 
 
 # -- the two loops ------------------------------------------------------------------------------------
-def _device(cfg: TrialConfig) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
-
-
-def _endless_batches(split, batch_size: int, seed: int):
-    """Epoch after epoch, like the trainable: a small dataset must not end the benchmark early."""
-    epoch = 0
-    while True:
-        yield from split.iter_batches(batch_size, seed=seed, epoch=epoch)
-        epoch += 1
-
-
 def plain_loop(cfg: TrialConfig, steps: int, warmup: int, on_step=None) -> dict:
     """The same model/optimizer/schedule/data path with no measurement: wall clock over `steps` steps.
     With `compile`, the same torch.compile of forward + loss the trainable makes (backward compiled too)."""
-    device = _device(cfg)
+    run = build_run(cfg)  # the trial's own set-up: device, data, kernel, model
+    device, precision, kernel = run.device, run.precision, run.kernel
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    data = open_trial_data(cfg)
-    precision = PRECISIONS[cfg.precision]
-    kernel = select_kernel(cfg.attention, cfg.precision, device.type, cfg.kernel)
-    model = build_model(cfg, data.vocab_size, kernel).to(device)
+    model = run.build_model().to(device)
     if kernel.prepare is not None:
         kernel.prepare(cfg.seq_len, cfg.window, device)
     step_loss = build_forward_loss(model, cfg.loss, LOSSES[cfg.loss], cfg.compile)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, warmup + steps))
-    batches = _endless_batches(data.train, cfg.batch_size, cfg.seed)
+    batches = (rows for _, _, rows in run.batches())
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -255,7 +240,7 @@ def bench_one(args: argparse.Namespace, spec: str, data_dir: str, vocab: int | s
             release_compiled()
             torch.cuda.empty_cache()
     measured = trainable_loop(cfg, args.steps, args.warmup, args.report)
-    vocab_size = open_trial_data(cfg).vocab_size
+    vocab_size = build_run(cfg).data.vocab_size
     flops = model_flops_per_token(model_config(cfg, vocab_size), cfg.window)
     gpu = torch.cuda.get_device_name() if cfg.device == "cuda" else None
     peak = peak_bf16_flops(gpu, args.peak_flops)
@@ -299,7 +284,7 @@ def profile(args: argparse.Namespace) -> str:
     active = max(1, min(3, args.steps - 1))
     steps = schedule(wait=max(0, args.warmup - 1), warmup=1, active=active, repeat=1)
     with torch.profiler.profile(activities=activities, schedule=steps) as prof:
-        final = run_trial(cfg, lambda metrics: prof.step())
+        final = run_trial(cfg, lambda metrics: prof.step(), background_reports=False)
     sort_by = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=args.profile_rows)
     out = Path(args.profile_out or f"profile_{cfg.label}_v{vocab}_bs{cfg.batch_size}.txt")
@@ -333,7 +318,7 @@ def device_time(args: argparse.Namespace) -> str:
         for spec in args.techniques.split(","):
             cfg = trial_config(args, spec, data_dir)
             plain = ms_per_step(lambda step: plain_loop(cfg, args.steps, args.warmup, on_step=step))
-            trainable = ms_per_step(lambda step: run_trial(cfg, lambda metrics: step()))
+            trainable = ms_per_step(lambda step: run_trial(cfg, lambda metrics: step(), background_reports=False))
             rows.append(f"| {cfg.label} | {plain:.2f} | {trainable:.2f} | {trainable / plain:.3f} |")
             print(rows[-1], flush=True)
     return "\n".join(rows) + "\n"

@@ -4,15 +4,30 @@
     results, path = run_sweep(SweepConfig(preset="cpu"))         # a Tune ResultGrid + STORAGE/NAME
     records, path = find_max_batch_size(SweepConfig(techniques=("bf16", "flash")))
 
-`python -m sweep.run --help` is the CLI over these.
+`python -m sweep.run --help` is the CLI over these. Importing `sweep` imports neither torch nor Ray.
 """
-from .grid import PRESETS, SweepError, build_grid, trial_name
-from .probe import MAX_BATCH_FILE, classify_probe
-from .runner import SweepConfig, SweepPlan, find_max_batch_size, plan_sweep, prepare, run_sweep
-from .search import MaxBatchSearch, Outcome, OutcomeKind, SearchResult, search_max_batch
+from __future__ import annotations
 
-__all__ = [
-    "MAX_BATCH_FILE", "MaxBatchSearch", "Outcome", "OutcomeKind", "PRESETS", "SearchResult", "SweepConfig",
-    "SweepError", "SweepPlan", "build_grid", "classify_probe", "find_max_batch_size", "plan_sweep", "prepare",
-    "run_sweep", "search_max_batch", "trial_name",
-]
+import importlib
+from typing import Any
+
+from .config import SweepConfig
+from .errors import SweepError
+from .grid import PRESETS, build_grid, trial_name
+from .plan import SweepPlan, plan_sweep
+
+_LAZY = {"find_max_batch_size": "orchestrate", "prepare": "orchestrate", "run_sweep": "orchestrate",
+         "MaxBatchSearch": "search", "Outcome": "search", "OutcomeKind": "search", "SearchResult": "search",
+         "search_max_batch": "search", "classify_probe": "probe"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sweep' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["PRESETS", "SweepConfig", "SweepError", "SweepPlan", "build_grid", "plan_sweep", "trial_name", *_LAZY]

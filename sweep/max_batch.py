@@ -22,10 +22,14 @@ from typing import Any
 from ray import tune
 from ray.tune.search import Searcher
 
+from contract.experiment import GRID_KEY, KIND_KEY, MAX_BATCH_FILE
+from contract.io import write_json_atomic
+from contract.techniques import technique_label
+
 from .grid import trial_name
-from .probe import MAX_BATCH_FILE, MaxBatchSettings, classify_probe, probe_config
+from .probe import MaxBatchSettings, classify_probe, probe_config
 from .search import MaxBatchSearch, Outcome, SearchResult, replay_search
-from .tuning import experiment_path, name_trial, write_json_atomic
+from .tuning import experiment_path, name_trial, sweep_trainable
 
 @dataclass
 class _Target:
@@ -45,7 +49,7 @@ class MaxBatchSearcher(Searcher):
         hints = hints or {}
         self.targets = []
         for t in targets:
-            label = trial_name({**t, "batch_size": 1}).rsplit("_bs", 1)[0]
+            label = technique_label(t)
             self.targets.append(_Target(base=t, label=label, preset=t["technique"], window=t.get("window"),
                                         hint=hints.get(label)))
         self.settings = settings
@@ -94,15 +98,15 @@ class MaxBatchSearcher(Searcher):
         unseeded = (replay_search(res.max_batch_size, **self._search_settings())
                     if res.status == "ok" and res.max_batch_size is not None else None)
         record = {
-            "technique": target.label,
-            "preset": target.preset,
+            "label": target.label,
+            "technique": target.preset,
             "window": target.window,
             "max_batch_size": res.max_batch_size,
             "peak_mem_mib": res.peak_mem_mib,
             "probes": res.probes,
             "rounds": res.rounds,
             "wall_time_s": round(res.wall_time_s, 3),
-            "gpu_memory_limit_gb": target.base.get("gpu_memory_gb"),
+            "gpu_memory_gb": target.base.get("gpu_memory_gb"),
             "status": res.status,
             "error": res.error,
             "hit_upper_bound": res.hit_upper_bound,
@@ -160,7 +164,8 @@ class MaxBatchSearcher(Searcher):
             return None  # wait for the round to finish
         bs = self._pending.pop(0)
         self._in_flight[trial_id] = bs
-        return probe_config(self.targets[self._index].base, bs, self.settings.probe_steps)
+        config = probe_config(self.targets[self._index].base, bs, self.settings.probe_steps)
+        return {**config, GRID_KEY: trial_name(config, kind="probe"), KIND_KEY: "probe"}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         peak = result.get("mem_step_peak_mib")
@@ -194,11 +199,10 @@ class ProbeErrors(tune.Callback):
 
 
 def max_batch_targets(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One base config per (technique, window) of the grid; the batch size is the search's."""
+    """One base config per technique label (and window) of the grid; the batch size is the search's."""
     targets: dict[str, dict[str, Any]] = {}
     for point in grid:
-        label = trial_name({**point, "batch_size": 1})
-        targets.setdefault(label, point)
+        targets.setdefault(technique_label(point), point)
     return list(targets.values())
 
 
@@ -211,6 +215,7 @@ def run_max_batch_search(
     resources: dict[str, float],
     verbose: int = 1,
     hints: dict[str, dict[str, Any]] | None = None,
+    callbacks: list | None = None,
 ) -> list[dict[str, Any]]:
     """Search every technique of the grid; returns (and writes) the Contract 3 records.
 
@@ -223,26 +228,24 @@ def run_max_batch_search(
     def save(_record: dict[str, Any]) -> None:
         write_json_atomic(out_file, searcher_box[0].records)
 
-    from trainable import tune_trainable
-
     searcher = MaxBatchSearcher(max_batch_targets(grid), settings, on_record=save, hints=hints)
     searcher_box.append(searcher)
     tuner = tune.Tuner(
-        tune.with_resources(tune_trainable, resources),
+        tune.with_resources(sweep_trainable, resources),
         param_space={},
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             num_samples=-1,
             max_concurrent_trials=settings.parallelism,
             reuse_actors=False,
-            trial_name_creator=name_probe,
-            trial_dirname_creator=name_probe,
+            trial_name_creator=name_trial,
+            trial_dirname_creator=name_trial,
         ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            callbacks=[ProbeErrors(searcher)],
+            callbacks=[ProbeErrors(searcher), *(callbacks or [])],
             verbose=verbose,
         ),
     )
@@ -250,8 +253,3 @@ def run_max_batch_search(
     if not searcher.records:  # nothing ran (e.g. no targets): still leave a valid file
         write_json_atomic(out_file, [])
     return searcher.records
-
-
-def name_probe(trial) -> str:
-    """`probe_bf16_flash_bs37`; falls back like the sweep's naming."""
-    return f"probe_{name_trial(trial)}"

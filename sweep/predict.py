@@ -8,7 +8,7 @@ probes, which cost a trial process each, start next to the answer.
     from sweep import SweepConfig
     from sweep.predict import predict_grid
     prediction = predict_grid(SweepConfig(techniques=("bf16", "flash"), gpu_memory_gb=24))
-    for row in prediction.rows: print(row["technique"], row["batch_size"], row["predicted_max_batch"])
+    for row in prediction.rows: print(row["label"], row["batch_size"], row["predicted_max_batch"])
 
 Budget semantics (what "fits" means). A trial's `gpu_memory_gb` calls
 `torch.cuda.set_per_process_memory_fraction`, which caps what the caching allocator may *reserve*
@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .grid import SweepError, build_grid, trial_name
+from .errors import SweepError
+from .grid import build_grid, grid_axes, grid_names, trial_name
 
 MIB_PER_GIB = 1024
 # Total memory as nvidia-smi reports it (MiB); torch's total_memory agrees to the MiB on these cards.
@@ -43,6 +44,7 @@ GPU_TOTAL_MIB: dict[str, int] = {
     "a100-80gb": 81920,
     "a100-40gb": 40960,
     "rtx4090": 24564,
+    "rtx5090": 32607,  # the seed report's card (32 GB GDDR7)
 }
 DEFAULT_GPU = "h200"
 DEFAULT_VOCAB = 10000
@@ -152,12 +154,14 @@ def predict_point(point: dict[str, Any], budget: MemoryBudget, *, granularity: i
 
     `max_batch`: this config's predicted max batch when already known (it does not depend on the batch size).
     """
-    from trainable import ConfigError, TrialConfig, technique_label
+    from contract.techniques import technique_label
+    from trainable.config import TrialConfig
+    from trainable.errors import ConfigError
     from trainable.memory_model import predict_peak_memory, to_spec
 
     cfg = TrialConfig.from_dict(point)
     row: dict[str, Any] = {
-        "trial": trial_name(cfg), "technique": technique_label(cfg), "preset": cfg.technique,
+        "trial": trial_name(cfg), "label": technique_label(cfg), "technique": cfg.technique,
         "batch_size": cfg.batch_size, "window": cfg.window, "vocab_size": cfg.vocab_size, "seq_len": cfg.seq_len,
         "precision": cfg.precision, "checkpointing": cfg.checkpointing, "loss": cfg.loss, "kernel": None,
         "predicted_peak_mib": None, "predicted_reserved_mib": None, "fits": None, "predicted_max_batch": None,
@@ -201,9 +205,10 @@ def predict_points(grid: list[dict[str, Any]], budget: MemoryBudget, *, granular
     """Predictions for validated grid points (each with `vocab_size`); the max batch is solved once per technique."""
     max_batch: dict[str, int | None] = {}
     rows = []
-    for point in grid:
-        key = trial_name({**point, "batch_size": 1})
+    for point, name in zip(grid, grid_names(grid)):
+        key = trial_name({**point, "batch_size": 1}, with_seq_len=True)
         row = predict_point(point, budget, granularity=granularity, max_batch=max_batch.get(key))
+        row["trial"] = name
         if row["error"] is None:
             max_batch[key] = row["predicted_max_batch"]
         rows.append(row)
@@ -223,8 +228,8 @@ def dataset_shape(data_dir: str) -> tuple[int, int]:
     return int(ds.vocab_size), int(ds.seq_len)
 
 
-def resolve_vocab(data_dir: str | None, vocab_size: int | None) -> tuple[int, str]:
-    """(vocab, where it comes from): the dataset's manifest, else --vocab-size, else the default."""
+def resolve_vocab(data_dir: str | None, vocab_size: int | None, preset_vocab: int | None = None) -> tuple[int, str]:
+    """(vocab, where it comes from): the dataset's manifest, else --vocab-size, else the preset's, else the default."""
     if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 2):
         raise SweepError(f"--vocab-size must be an integer >= 2, got {vocab_size}")
     if data_dir is not None:
@@ -234,19 +239,20 @@ def resolve_vocab(data_dir: str | None, vocab_size: int | None) -> tuple[int, st
         return vocab, f"from {data_dir}/manifest.json"
     if vocab_size is not None:
         return vocab_size, "--vocab-size"
+    if preset_vocab is not None:
+        return preset_vocab, "the preset's model; --vocab-size or --data to change"
     return DEFAULT_VOCAB, "the default; --vocab-size or --data to change"
 
 
 def prediction_grid(cfg, vocab_size: int) -> list[dict[str, Any]]:
     """The grid `cfg` describes, on a CUDA GPU, as real runs would train it (no shipped-sample overrides)."""
-    from .runner import grid_axes
-
     if cfg.device == "cpu":
         raise SweepError("--predict predicts CUDA memory: drop --device cpu")
-    _, preset, techniques, batch_sizes, windows = grid_axes(cfg, gpus=1)
+    _, preset, techniques, batch_sizes, windows, seq_lens = grid_axes(cfg, gpus=1)
     overrides = {**preset.overrides, **cfg.overrides, "device": "cuda", "vocab_size": vocab_size,
                  "data_dir": cfg.data_dir or PLACEHOLDER_DATA}
-    return build_grid(techniques, batch_sizes, windows, overrides=overrides, only=cfg.only, skip=cfg.skip)
+    return build_grid(techniques, batch_sizes, windows, seq_lens=seq_lens, tokens_per_batch=cfg.tokens_per_batch,
+                      overrides=overrides, only=cfg.only, skip=cfg.skip)
 
 
 def predict_grid(cfg) -> GridPrediction:
@@ -254,7 +260,8 @@ def predict_grid(cfg) -> GridPrediction:
     if cfg.granularity < 1:
         raise SweepError(f"--granularity must be >= 1, got {cfg.granularity}")
     budget = memory_budget(cfg.gpu_memory_gb, gpu=cfg.gpu, gpu_total_gb=cfg.gpu_total_gb)
-    vocab, vocab_source = resolve_vocab(cfg.data_dir, cfg.vocab_size)
+    preset = grid_axes(cfg, gpus=1)[1]
+    vocab, vocab_source = resolve_vocab(cfg.data_dir, cfg.vocab_size, preset.vocab_size)
     grid = prediction_grid(cfg, vocab)
     if cfg.data_dir is not None:
         _, rows_len = dataset_shape(cfg.data_dir)
@@ -280,18 +287,17 @@ COMPILE_NOTE = ("compiled configs (*_compile): torch.compile is not modelled; th
 
 def format_prediction(prediction: GridPrediction) -> str:
     """An aligned table with the budget and vocabulary it assumes."""
-    from .tuning import format_rows
+    from contract.table import render_rows
 
     columns = dict(TABLE_COLUMNS)
     if any(r["error"] for r in prediction.rows):
         columns["error"] = "error"
-    rows = [{h: ({True: "yes", False: "no"}.get(r.get(k), r.get(k)) if k == "fits" else r.get(k))
-             for h, k in columns.items()} for r in prediction.rows]
+    rows = [{h: r.get(k) for h, k in columns.items()} for r in prediction.rows]
     return "\n".join([
         f"budget: {prediction.budget.source}",
         f"vocab:  {prediction.vocab_size} ({prediction.vocab_source})",
         "",
-        format_rows(rows),
+        render_rows(rows),
         "",
         "peak_mib predicts max_memory_allocated; reserved_mib adds the allocator allowance and must fit the budget;",
         "max_batch: the largest batch size predicted to fit (an estimate: --find-max-batch measures it).",
@@ -299,6 +305,123 @@ def format_prediction(prediction: GridPrediction) -> str:
     ])
 
 
+# -- what the sweep says before it runs -------------------------------------------------------------
+
+
+def trial_budget(cfg, local_mib: float | None) -> MemoryBudget:
+    """One trial's memory budget as the memory model sees it (SweepError on a bad flag).
+
+    The GPU's size comes from --gpu-total-gb / --gpu, else `local_mib` (nvidia-smi on this node), else the
+    default H200; --gpu-memory-gb caps it.
+    """
+    local = None if (cfg.gpu or cfg.gpu_total_gb) else local_mib
+    return memory_budget(cfg.gpu_memory_gb, gpu=cfg.gpu, gpu_total_gb=cfg.gpu_total_gb, total_mib=local,
+                         total_source=f"this node's GPU ({local:.0f} MiB, nvidia-smi)" if local else None)
+
+
+def _dataset_vocab(data_dir: str) -> int:
+    return dataset_shape(data_dir)[0]
+
+
+def predicted_oom_notice(plan, local_mib: float | None) -> str | None:
+    """The trials the memory model predicts will not fit their GPU, said before any GPU time is spent.
+
+    They still run: an OOM is a measured result (seconds of GPU time), and the prediction is an estimate.
+    Said only when the GPU is known (a local GPU, or --gpu / --gpu-total-gb / --gpu-memory-gb): the driver
+    of a remote cluster may not see the workers' GPUs. Compiled configs are left out: for them the model
+    gives the eager step, an upper bound.
+    """
+    cfg = plan.cfg
+    if not plan.use_gpu or cfg.resume:
+        return None
+    if local_mib is None and not (cfg.gpu or cfg.gpu_total_gb or cfg.gpu_memory_gb):
+        return None
+    try:
+        budget = trial_budget(cfg, local_mib)
+    except SweepError:
+        return None
+    vocab = _dataset_vocab(plan.data_dir)
+    rows = predict_points([{**point, "vocab_size": vocab} for point in plan.grid], budget)
+    over = [f"{row['trial']} (~{row['predicted_reserved_mib'] / 1024:.1f} GiB)" for row in rows
+            if row["error"] is None and row["fits"] is False and not row["upper_bound"]]
+    if not over:
+        return None
+    return (f"note: the memory model predicts {len(over)} of {len(plan.grid)} trials will not fit "
+            f"{budget.source}: {', '.join(over)}. They run anyway and end as OOM results; `--skip NAME` leaves one out.")
+
+
+def search_hints(plan, local_mib: float | None) -> tuple[dict[str, dict[str, Any]], str]:
+    """Per search target (technique label): the memory model's predicted max batch under the trial's budget,
+    and a line saying where the budget came from. A technique the model does not cover gets no hint (its
+    search grows from --start)."""
+    try:
+        budget = trial_budget(plan.cfg, local_mib)
+    except SweepError as exc:
+        return {}, f"note: no predicted max batch ({exc}); searching unseeded"
+    vocab = _dataset_vocab(plan.data_dir)
+    hints: dict[str, dict[str, Any]] = {}
+    for point in plan.grid:
+        row = predict_point({**point, "vocab_size": vocab, "batch_size": 1}, budget, granularity=1)
+        if row["error"] is None:
+            hints[row["label"]] = {"max_batch": row["predicted_max_batch"], "budget_mib": row["budget_mib"],
+                                       "vocab_size": vocab}
+    return hints, (f"seeding each search with its predicted max batch (budget {budget.source}); "
+                   "--no-seed-search to search without")
+
+
+# Named GPUs the report shows the seed grid's predicted memory on, for a user without a GPU.
+REPORT_GPUS = (("h200", None), ("rtx5090", None))
+
+
+def prediction_rows_for(plan) -> dict[str, Any]:
+    """PREDICTIONS_FILE's content: each trial's predicted peak on its GPU (the local one, else the default),
+    and the seed grid at the sweep's model and vocabulary on the named GPUs (REPORT_GPUS)."""
+    from copy import copy
+
+    from .grid import PRESETS
+
+    vocab = _dataset_vocab(plan.data_dir)
+    cuda_grid = [{**p, "device": "cuda", "vocab_size": vocab, "gpu_memory_gb": None} for p in plan.grid]
+    budget = trial_budget(plan.cfg, local_gpu_total_mib())
+    trials = predict_points(cuda_grid, budget)
+    seed = PRESETS["seed"]
+    base = {k: v for k, v in plan.grid[0].items() if k not in ("technique", "window", "batch_size", "precision",
+                                                                 "attention", "checkpointing")}
+    base.update(device="cuda", vocab_size=vocab, gpu_memory_gb=None, loss="standard", compile=False, kernel="auto")
+    windows = [w for w in seed.windows if w < base["seq_len"]] or [max(1, base["seq_len"] // 4)]
+    seed_grid = build_grid(seed.techniques, seed.batch_sizes, windows, overrides=base)
+    seed_rows = []
+    for gpu, cap in REPORT_GPUS:
+        for row in predict_points(seed_grid, memory_budget(cap, gpu=gpu)):
+            seed_rows.append({**copy(row), "gpu": gpu})
+    keep = ("trial", "label", "technique", "batch_size", "window", "seq_len", "vocab_size", "kernel",
+            "predicted_peak_mib", "predicted_reserved_mib", "fits", "predicted_max_batch", "budget_mib", "error",
+            "upper_bound", "params_mib", "grads_mib", "optimizer_states_mib", "activations_mib", "embedding_mib",
+            "loss_head_mib", "autocast_copies_mib", "transient_mib", "overhead_mib", "phase")
+    return {"budget": budget.source, "vocab_size": vocab,
+            "trials": [{k: r.get(k) for k in keep} for r in trials],
+            "seed_grid": [{**{k: r.get(k) for k in keep}, "gpu": r["gpu"]} for r in seed_rows]}
+
+
+def dry_run_rows(plan) -> tuple[list[list[str]], str]:
+    """`--dry-run`'s table: each trial with the memory model's predicted CUDA peak, and the budget's source."""
+    from contract.table import cell
+
+    vocab = _dataset_vocab(plan.data_dir) if plan.sample is None else None
+    budget = trial_budget(plan.cfg, local_gpu_total_mib())
+    rows = []
+    predicted = predict_points([{**p, "device": "cuda", "vocab_size": vocab or 1024, "gpu_memory_gb": None}
+                                for p in plan.grid], budget) if plan.grid else []
+    for point, name, row in zip(plan.grid, grid_names(plan.grid), predicted):
+        peak = row["predicted_peak_mib"]
+        rows.append([name, str(point["device"]), str(point["batch_size"]), str(point["seq_len"]),
+                     f"{peak:,.0f}" + (" (upper bound)" if row["upper_bound"] else "") if peak is not None else "-",
+                     cell(row["fits"])])
+    vocab_note = f"vocab {vocab}" if vocab else "vocab 1024, the sample's (prepared on the first run)"
+    return rows, f"{vocab_note}; budget {budget.source}"
+
+
 __all__ = ["DEFAULT_GPU", "DEFAULT_VOCAB", "GPU_TOTAL_MIB", "GridPrediction", "MemoryBudget", "format_prediction",
            "local_gpu_total_mib", "memory_budget", "predict_grid", "predict_point", "predict_points",
-           "predicted_max_batch", "prediction_grid", "resolve_vocab"]
+           "predicted_max_batch", "predicted_oom_notice", "prediction_grid", "resolve_vocab", "search_hints",
+           "trial_budget"]

@@ -2,15 +2,17 @@
 
     python -m sweep.run                          # default grid for this machine, shipped sample data
     python -m sweep.run --preset seed            # the seed's 18 experiments (needs GPUs)
+    python -m sweep.run --preset seed-report --data DIR   # the seed report's model and table (GPT-2 vocabulary)
     python -m sweep.run --techniques bf16 window --windows 16 32 --batch-sizes 16 32 --max-steps 200
+    python -m sweep.run --techniques flash window --seq-lens 512 1024 2048 --tokens-per-batch 65536
     python -m sweep.run --find-max-batch --granularity 8 --gpu-memory-gb 24   # starts at the predicted max batch
     python -m sweep.run --predict --gpu-memory-gb 24 --vocab-size 50257   # predicted peak + max batch, no GPU
     python -m sweep.run --resume --name seed-20250101-120000
-    python -m sweep.run --checkpoint-interval 100 --max-failures 3   # a failed trial restarts from its checkpoint
 
-Fault tolerance: every trial saves its full state (model, optimizer, scheduler, data position, RNG) every
---checkpoint-interval steps, and a trial that fails (a killed worker, a lost node) restarts from its latest save
-up to --max-failures times, reproducing the uninterrupted run; an interrupted driver continues with --resume.
+Fault tolerance: every trial snapshots its full state (model, optimizer, scheduler, data position, RNG) every
+--checkpoint-minutes in the background, and a trial that fails (a killed worker, a lost node) restarts from its
+latest snapshot up to --max-failures times, reproducing the uninterrupted run; an interrupted driver (Ctrl-C)
+continues with --resume. Every trial setting (model size, budget, optimizer) is a flag of its own below.
 """
 from __future__ import annotations
 
@@ -18,153 +20,82 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from contract.cli import OneLineParser, add_config_arguments, given
+
+from .config import SweepConfig
+
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# TrialConfig fields the grid or the sweep's own flags set: not offered as per-trial overrides.
+NOT_OVERRIDES = ("technique", "precision", "attention", "window", "checkpointing", "batch_size", "data_dir",
+                 "device", "gpu_memory_gb", "checkpoint_interval", "checkpoint_minutes", "vocab_size")
+GROUPS = {
+    "grid": ("preset", "techniques", "batch_sizes", "windows", "seq_lens", "tokens_per_batch", "only", "skip"),
+    "data and hardware": ("data_dir", "device", "gpu_memory_gb"),
+    "ray": ("address", "storage_path", "shared_storage", "name", "max_concurrent", "cpus_per_trial", "resume",
+            "reuse_actors", "verbose"),
+    "fault tolerance (a failed trial restarts from its latest checkpoint)":
+        ("checkpoint_interval", "checkpoint_minutes", "max_failures"),
+    "max-batch search": ("find_max_batch", "granularity", "start", "max_batch", "probe_steps", "seed_search"),
+    "prediction (no Ray, no GPU)": ("gpu", "gpu_total_gb", "vocab_size"),
+}
 
-MODEL_FLAGS = {"n_layers": int, "d_model": int, "n_heads": int, "ff_dim": int, "seq_len": int}
-BUDGET_FLAGS = {"epochs": int, "max_steps": int, "max_tokens": int, "eval_interval": int, "lr": float, "seed": int}
 
+def build_parser() -> argparse.ArgumentParser:
+    from trainable.config import TrialConfig
 
-def _split(values: Sequence[str] | None) -> list[str] | None:
-    """`--techniques a b,c` -> [a, b, c] (space- or comma-separated)."""
-    if values is None:
-        return None
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
-
-
-def _ints(values: Sequence[str] | None, flag: str) -> tuple[int, ...] | None:
-    items = _split(values)
-    if items is None:
-        return None
-    try:
-        return tuple(int(v) for v in items)
-    except ValueError:
-        raise _UsageError(f"{flag} takes integers, got {' '.join(values)}") from None
+    p = OneLineParser(prog="python -m sweep.run", description=__doc__, error_prefix="error",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep_fields: list[str] = []
+    for title, names in GROUPS.items():
+        group = p.add_argument_group(title)
+        sweep_fields += add_config_arguments(group, SweepConfig, only=names)
+        if title == "grid":
+            group.add_argument("--dry-run", action="store_true", help="validate and list the trials, run nothing")
+        if title.startswith("prediction"):
+            group.add_argument("--predict", action="store_true",
+                               help="print every config's predicted peak memory and max batch size, run nothing")
+            group.add_argument("--json", action="store_true", help="with --predict: one JSON object per config")
+    trial = p.add_argument_group("every trial (override the preset)")
+    trial_fields = add_config_arguments(trial, TrialConfig, exclude=NOT_OVERRIDES)
+    p.set_defaults(_sweep_fields=sweep_fields, _trial_fields=trial_fields)
+    return p
 
 
 class _UsageError(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2, like every other user error
-        raise _UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m sweep.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("grid")
-    g.add_argument("--preset", choices=("seed", "cpu"), help="a named grid (default: seed with GPUs, else cpu)")
-    g.add_argument("--techniques", nargs="+", metavar="T", help="technique presets (baseline bf16 flash window gradcp ...)")
-    g.add_argument("--batch-sizes", nargs="+", metavar="N")
-    g.add_argument("--windows", nargs="+", metavar="W", help="window sizes for windowed techniques")
-    g.add_argument("--only", nargs="+", default=[], metavar="S", help="keep trials whose name contains S")
-    g.add_argument("--skip", nargs="+", default=[], metavar="S", help="drop trials whose name contains S")
-    g.add_argument("--dry-run", action="store_true", help="validate and list the trials, run nothing")
-    m = p.add_argument_group("model and budget (override the preset)")
-    for key, kind in {**MODEL_FLAGS, **BUDGET_FLAGS}.items():
-        m.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind)
-    d = p.add_argument_group("data and hardware")
-    d.add_argument("--data", metavar="DIR", help="a prepared dataset (default: the shipped sample, prepared once)")
-    d.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    d.add_argument("--gpu-memory-gb", type=float, help="cap each trial's CUDA allocator (emulate a smaller GPU)")
-    d.add_argument("--gpu", metavar="NAME", help="the GPU the memory model predicts for (default h200; the search asks nvidia-smi first)")
-    d.add_argument("--gpu-total-gb", type=float, metavar="GB", help="the predicted-for GPU's total memory (GiB)")
-    pr = p.add_argument_group("prediction (no Ray, no GPU)")
-    pr.add_argument("--predict", action="store_true",
-                    help="print every config's predicted peak memory and max batch size, run nothing")
-    pr.add_argument("--json", action="store_true", help="with --predict: one JSON object per config")
-    pr.add_argument("--vocab-size", type=int, metavar="V",
-                    help="with --predict and no --data: the vocabulary (default 10000; gpt2 is 50257)")
-    r = p.add_argument_group("ray")
-    r.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local instance)")
-    r.add_argument("--storage-path", default="results", help="local dir, NFS or s3://... (default ./results)")
-    r.add_argument("--shared-storage", action="store_true",
-                   help="the local --storage-path is mounted by every node (NFS); required for a local path on a multi-node cluster")
-    r.add_argument("--name", help="experiment name (default: <grid>-<timestamp>)")
-    r.add_argument("--max-concurrent", type=int)
-    r.add_argument("--cpus-per-trial", type=int)
-    r.add_argument("--resume", action="store_true", help="continue an interrupted sweep (--name, else the latest)")
-    r.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
-    f = p.add_argument_group("fault tolerance (a failed trial restarts from its latest checkpoint)")
-    f.add_argument("--checkpoint-interval", type=int, metavar="N",
-                   help="steps between trial checkpoints: model, optimizer, scheduler, data position, RNG "
-                        "(default 50 on GPU, 10 on CPU; 0: off)")
-    f.add_argument("--max-failures", type=int, metavar="N",
-                   help="restarts of a failed trial, each from its latest checkpoint (default 2; a resumed "
-                        "sweep keeps the value it started with)")
-    b = p.add_argument_group("max-batch search")
-    b.add_argument("--find-max-batch", action="store_true", help="search the largest batch size per technique")
-    b.add_argument("--granularity", type=int, default=1)
-    b.add_argument("--start", type=int,
-                   help="first batch size of an unseeded search (default 32 on GPU, 1 on CPU)")
-    b.add_argument("--max", dest="max_batch", type=int, help="upper bound (default: the dataset's training rows)")
-    b.add_argument("--probe-steps", type=int, default=3)
-    b.add_argument("--no-seed", action="store_true",
-                   help="grow from --start instead of starting at the memory model's predicted max batch")
-    return p
-
-
 def _check_modes(args: argparse.Namespace) -> None:
     """Flags that belong to one mode only."""
     if args.json and not args.predict:
         raise _UsageError("--json goes with --predict")
-    if args.vocab_size is not None and not args.predict:
+    if getattr(args, "vocab_size", None) is not None and not args.predict:
         raise _UsageError("--vocab-size goes with --predict (a sweep takes the vocabulary from its dataset)")
     if args.predict:
-        for flag, on in (("--find-max-batch", args.find_max_batch), ("--resume", args.resume),
-                         ("--dry-run", args.dry_run), ("--no-seed", args.no_seed),
-                         ("--checkpoint-interval", args.checkpoint_interval is not None),
-                         ("--max-failures", args.max_failures is not None)):
-            if on:
+        if args.dry_run:
+            raise _UsageError("--predict runs nothing: drop --dry-run")
+        for flag, dest in (("--find-max-batch", "find_max_batch"), ("--resume", "resume"),
+                           ("--seed-search", "seed_search"), ("--checkpoint-interval", "checkpoint_interval"),
+                           ("--checkpoint-minutes", "checkpoint_minutes"), ("--max-failures", "max_failures")):
+            if hasattr(args, dest):
                 raise _UsageError(f"--predict runs nothing: drop {flag}")
 
 
-def config_from_args(argv: Sequence[str] | None = None):
-    from .runner import SweepConfig
-
+def config_from_args(argv: Sequence[str] | None = None) -> tuple[SweepConfig, argparse.Namespace]:
     args = build_parser().parse_args(argv)
     _check_modes(args)
-    overrides = {k: getattr(args, k) for k in {**MODEL_FLAGS, **BUDGET_FLAGS} if getattr(args, k) is not None}
-    cfg = SweepConfig(
-        preset=args.preset,
-        techniques=tuple(_split(args.techniques)) if args.techniques is not None else None,
-        batch_sizes=_ints(args.batch_sizes, "--batch-sizes"),
-        windows=_ints(args.windows, "--windows"),
-        only=tuple(_split(args.only) or ()),
-        skip=tuple(_split(args.skip) or ()),
-        overrides=overrides,
-        data_dir=args.data,
-        device=args.device,
-        gpu_memory_gb=args.gpu_memory_gb,
-        address=args.address,
-        storage_path=args.storage_path,
-        shared_storage=args.shared_storage,
-        name=args.name,
-        max_concurrent=args.max_concurrent,
-        cpus_per_trial=args.cpus_per_trial,
-        resume=args.resume,
-        verbose=args.verbose,
-        find_max_batch=args.find_max_batch,
-        granularity=args.granularity,
-        start=args.start,
-        max_batch=args.max_batch,
-        probe_steps=args.probe_steps,
-        seed_search=not args.no_seed,
-        gpu=args.gpu,
-        gpu_total_gb=args.gpu_total_gb,
-        vocab_size=args.vocab_size,
-        checkpoint_interval=args.checkpoint_interval,
-        max_failures=args.max_failures,
-    )
+    cfg = SweepConfig(**given(args, args._sweep_fields), overrides=given(args, args._trial_fields))
     return cfg, args
 
 
-def print_prediction(cfg, as_json: bool) -> int:
+def print_prediction(cfg: SweepConfig, as_json: bool) -> int:
     """`--predict`: everything is computed before the first line is printed (no half output)."""
     import json
 
     from .predict import format_prediction, predict_grid
 
+    cfg.validate()
     prediction = predict_grid(cfg)
     if as_json:
         print("\n".join(json.dumps({**row, "budget_source": prediction.budget.source,
@@ -174,49 +105,70 @@ def print_prediction(cfg, as_json: bool) -> int:
     return 0
 
 
+def print_dry_run(cfg: SweepConfig) -> int:
+    """`--dry-run`: the trials that would run, with the memory model's predicted peak each; nothing runs."""
+    from contract.table import render
+
+    from .orchestrate import known_gpus
+    from .plan import check_data, plan_sweep
+    from .predict import dry_run_rows
+
+    plan = plan_sweep(cfg, known_gpus(cfg))
+    if plan.sample is None:
+        check_data(plan, verify="full")
+    rows, budget = dry_run_rows(plan)
+    print(f"{len(plan.grid)} trials ({plan.preset_name} grid) -> {plan.path}")
+    print(render(["trial", "device", "batch", "seq_len", "predicted peak (MiB)", "fits"], rows))
+    print(f"predicted peak: the memory model's max_memory_allocated of one step on CUDA ({budget})")
+    return 0
+
+
+def _run(cfg: SweepConfig) -> int:
+    from .orchestrate import find_max_batch_size, incomplete_trials, prepare, resume_command, results_table, run_sweep
+
+    plan = prepare(cfg)
+    if cfg.find_max_batch:
+        records, path = find_max_batch_size(cfg, plan)
+        print("\n" + results_table(path))
+        print(f"\nresults: {path}/max_batch.json")
+        return 1 if any(r["status"] == "error" for r in records) else 0
+    results, path = run_sweep(cfg, plan)
+    stopped = incomplete_trials(results)
+    if stopped:
+        print(f"interrupted: {len(stopped)} of {len(results)} trials incomplete ({', '.join(stopped)}); "
+              f"continue with: {resume_command(cfg, plan)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print("\n" + results_table(path))
+    print(f"\nresults: {path}")
+    print(f"TensorBoard: tensorboard --logdir {path}   (pip install 'memeff-sweep[tensorboard]')")
+    errored = sum(r.error is not None for r in results)
+    if errored:
+        print(f"{errored} trial(s) failed; see the error column above and {path}", file=sys.stderr)
+    return 1 if errored else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from data_prep import DataPrepError
+
+    from .connect import ClusterError, StorageError
+    from .errors import SweepError
+
     try:
         cfg, args = config_from_args(argv)
-        from .grid import SweepError
-        from data_prep import DataPrepError
-
-        from .connect import ClusterError, StorageError
-
-        from .runner import _precheck_local_gpus, find_max_batch_size, plan_sweep, prepare, results_table, run_sweep
-    except _UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
         if args.predict:
             return print_prediction(cfg, args.json)
         if args.dry_run:
-            plan = plan_sweep(cfg, _precheck_local_gpus(cfg))
-            for point in plan.grid:
-                from .grid import trial_name
-
-                print(trial_name(point))
-            return 0
-        plan = prepare(cfg)
-        if cfg.find_max_batch:
-            from .probe import format_max_batch
-
-            records, path = find_max_batch_size(cfg, plan)
-            print("\n" + format_max_batch(records))
-            print(f"\nresults: {path}/max_batch.json")
-            return 1 if any(r["status"] == "error" for r in records) else 0
-        results, path = run_sweep(cfg, plan)
-        print("\n" + results_table(results, path))
-        print(f"\nresults: {path}")
-        errored = sum(r.error is not None for r in results)
-        if errored:
-            print(f"{errored} trial(s) failed; see the error column above and {path}", file=sys.stderr)
-        return 1 if errored else 0
+            return print_dry_run(cfg)
+        return _run(cfg)
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (SweepError, DataPrepError, ClusterError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted: continue with --resume", file=sys.stderr)
-        return 130
+        print("interrupted before the sweep started: nothing ran", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""analysis on what the real sweep writes: a tiny CPU grid run through `sweep.runner`, then read back."""
+"""analysis on what the real sweep writes: a tiny CPU grid run through `sweep.run_sweep`, then read back."""
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +12,7 @@ MAX_STEPS = 6
 
 @pytest.fixture(scope="module")
 def sweep_experiment(ray_local, sample_dataset, tmp_path_factory) -> str:
-    from sweep.runner import SweepConfig, run_sweep
+    from sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig(
         preset="cpu", techniques=("baseline", "window"), batch_sizes=(2, 4), windows=(16,),

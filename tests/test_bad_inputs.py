@@ -190,7 +190,7 @@ def _run(case: Case, inputs: dict[str, Path], case_dir: Path) -> Outcome:
     assert argv[0] == "python"
     watched = [case_dir, *inputs.values()]
     before = _snapshot(watched)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_TMPDIR": str(case_dir / "ray")}  # a Ray start would show up as files here
     env.pop("RAY_ADDRESS", None)
     t0 = time.monotonic()

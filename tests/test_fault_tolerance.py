@@ -68,11 +68,11 @@ def _uninterrupted_losses(trial_dir: Path) -> list[float]:
     """The losses of the trial's own config (Tune's params.json: grid overrides included) run without a kill."""
     import torch
 
-    from sweep.tuning import GRID_KEY
+    from contract.experiment import SWEEP_KEYS
     from trainable import TrialConfig, run_trial
 
     params = json.loads((trial_dir / "params.json").read_text())
-    cfg = TrialConfig.from_dict({k: v for k, v in params.items() if k != GRID_KEY})
+    cfg = TrialConfig.from_dict({k: v for k, v in params.items() if k not in SWEEP_KEYS})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a 1-CPU Ray worker
     try:
@@ -131,17 +131,19 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(sample_dataset, tmp_pat
 
 def test_checkpoint_interval_reaches_every_trial_but_no_probe():
     from sweep import SweepConfig, SweepError, plan_sweep
-    from sweep.runner import CHECKPOINT_INTERVAL
+    from sweep.plan import CHECKPOINT_MINUTES
 
-    def intervals(**kw) -> set[int]:
+    def intervals(**kw) -> set[tuple[int, float]]:
         cfg = SweepConfig(techniques=("bf16",), batch_sizes=(8, 16), data_dir=None, **kw)
-        return {p["checkpoint_interval"] for p in plan_sweep(cfg, gpus=1 if kw["device"] == "cuda" else 0).grid}
+        grid = plan_sweep(cfg, gpus=1 if kw["device"] == "cuda" else 0).grid
+        return {(p["checkpoint_interval"], p["checkpoint_minutes"]) for p in grid}
 
-    assert intervals(device="cuda") == {CHECKPOINT_INTERVAL["gpu"]}
-    assert intervals(device="cpu") == {CHECKPOINT_INTERVAL["cpu"]}
-    assert intervals(device="cpu", checkpoint_interval=0) == {0}
-    assert intervals(device="cuda", checkpoint_interval=7) == {7}
-    assert intervals(device="cuda", find_max_batch=True) == {0}  # an OOM probe never checkpoints
+    assert intervals(device="cuda") == {(0, CHECKPOINT_MINUTES)}  # by time by default, on GPU and CPU alike
+    assert intervals(device="cpu") == {(0, CHECKPOINT_MINUTES)}
+    assert intervals(device="cpu", checkpoint_interval=0) == {(0, 0.0)}
+    assert intervals(device="cuda", checkpoint_interval=7) == {(7, 0.0)}  # steps asked for: by steps only
+    assert intervals(device="cuda", checkpoint_interval=7, checkpoint_minutes=1.5) == {(7, 1.5)}
+    assert intervals(device="cuda", find_max_batch=True) == {(0, 0.0)}  # an OOM probe never checkpoints
     with pytest.raises(SweepError, match="probes never checkpoint"):
         intervals(device="cuda", find_max_batch=True, max_failures=1)
     with pytest.raises(SweepError, match="--max-failures must be >= 0"):

@@ -9,8 +9,9 @@ import pytest
 from sweep import SweepConfig, classify_probe, find_max_batch_size
 from sweep.search import OutcomeKind
 
-CONTRACT3_FIELDS = {"technique", "window", "max_batch_size", "peak_mem_mib", "probes", "wall_time_s",
-                    "gpu_memory_limit_gb", "status", "error"}
+from contract.experiment import MAX_BATCH_RECORD_KEYS
+
+CONTRACT3_FIELDS = set(MAX_BATCH_RECORD_KEYS)
 
 
 @pytest.mark.parametrize("error", [
@@ -55,7 +56,8 @@ def test_cpu_search_end_to_end(ray_local, sample_dataset, tmp_path):
     assert len(records) == 1
     rec = records[0]
     assert CONTRACT3_FIELDS <= set(rec)
-    assert rec["technique"] == "baseline" and rec["status"] == "ok" and rec["error"] is None
+    assert rec["label"] == "baseline" and rec["technique"] == "baseline" and rec["status"] == "ok"
+    assert rec["error"] is None
     assert rec["max_batch_size"] == 3 and rec["hit_upper_bound"]
     assert rec["probes"] == 3 and rec["rounds"] == 2  # {1, 2} then {3}: two probes per round
     assert json.loads((Path(path) / "max_batch.json").read_text()) == records
@@ -92,7 +94,7 @@ def test_seeded_records_report_the_prediction_and_the_unseeded_cost():
     """The searcher (no Tune run): a hinted technique starts at its hint; the record says what that saved."""
     from sweep import build_grid
     from sweep.max_batch import MaxBatchSearcher, max_batch_targets
-    from sweep.probe import MaxBatchSettings, format_max_batch
+    from sweep.probe import MaxBatchSettings
 
     grid = build_grid(["baseline", "bf16"], [32], overrides={"data_dir": "/d", "device": "cuda"})
     settings = MaxBatchSettings(start=32, max_batch_size=4096, parallelism=2)
@@ -102,7 +104,8 @@ def test_seeded_records_report_the_prediction_and_the_unseeded_cost():
     _drive(searcher, limit=703)
     seeded, plain = searcher.records
     assert written == searcher.records
-    assert seeded["technique"] == "baseline" and plain["technique"] == "bf16"
+    assert seeded["label"] == "baseline" and plain["label"] == "bf16"
+    assert set(seeded) == set(MAX_BATCH_RECORD_KEYS)
     assert seeded["max_batch_size"] == plain["max_batch_size"] == 703
     assert seeded["seeded"] and seeded["predicted_max_batch"] == 690 and seeded["predicted_budget_mib"] == 143221.0
     assert seeded["probes"] < seeded["unseeded_probes"] and seeded["rounds"] < seeded["unseeded_rounds"]
@@ -110,23 +113,30 @@ def test_seeded_records_report_the_prediction_and_the_unseeded_cost():
     assert not plain["seeded"] and plain["predicted_max_batch"] is None
     assert (plain["probes"], plain["rounds"]) == (plain["unseeded_probes"], plain["unseeded_rounds"])
     assert (seeded["unseeded_probes"], seeded["unseeded_rounds"]) == (plain["probes"], plain["rounds"])
-    table = format_max_batch(searcher.records)
+    import pandas as pd
+
+    from analysis import SweepResults, format_max_batch_table
+    from analysis.load import TRIAL_COLUMNS
+
+    results = SweepResults("/x", pd.DataFrame(columns=list(TRIAL_COLUMNS)), pd.DataFrame(columns=["trial_id"]),
+                           pd.DataFrame(searcher.records))
+    table = format_max_batch_table(results)
     assert "predicted" in table and "unseeded" in table
     assert f"{seeded['probes']}/{seeded['rounds']}" in table
-    assert f"would have needed {seeded['unseeded_probes']} probes" in table
+    assert f"would have run {seeded['unseeded_probes']} probes" in table
 
 
 def test_search_hints_match_the_searchers_technique_labels(sample_dataset, tmp_path):
     from sweep import plan_sweep
     from sweep.max_batch import MaxBatchSearcher, max_batch_targets
     from sweep.probe import MaxBatchSettings
-    from sweep.runner import search_hints
+    from sweep.predict import search_hints
 
     cfg = SweepConfig(techniques=("bf16", "flash", "window", "sac"), windows=(16,), device="cuda",
                       find_max_batch=True, data_dir=str(sample_dataset), gpu_memory_gb=2, gpu="h200",
                       storage_path=str(tmp_path), overrides={"seq_len": 64})
     plan = plan_sweep(cfg, gpus=1)
-    hints = search_hints(cfg, plan)
+    hints, _ = search_hints(plan, local_mib=None)
     assert set(hints) == {"bf16", "bf16_flash", "bf16_window16"}  # sac: not in the memory model, unseeded
     assert all(h["max_batch"] > 0 and h["budget_mib"] == 2048 and h["vocab_size"] == 512 for h in hints.values())
     searcher = MaxBatchSearcher(max_batch_targets(plan.grid), MaxBatchSettings(start=1, max_batch_size=4096),

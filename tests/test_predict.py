@@ -22,7 +22,7 @@ from trainable.memory_model import DEFAULT_CONSTANTS, predict_peak_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "RAY_USAGE_STATS_ENABLED": "0"}
-JSON_KEYS = {"technique", "batch_size", "window", "vocab_size", "predicted_peak_mib", "predicted_max_batch",
+JSON_KEYS = {"label", "technique", "batch_size", "window", "vocab_size", "predicted_peak_mib", "predicted_max_batch",
              "predicted_reserved_mib", "fits", "kernel", "budget_mib", "budget_source", "peak_mib", "phase",
              "phases_mib", "reserved_mib", "activations_mib", "params_mib", "optimizer_states_mib"}
 SEED_TRIALS = 18
@@ -66,7 +66,7 @@ def test_cli_json_has_one_object_per_config_with_the_contract_keys():
         assert row["vocab_size"] == 10000 and row["budget_mib"] == 24 * 1024 and row["gpu_memory_gb"] == 24
         assert row["predicted_peak_mib"] == row["peak_mib"] and row["predicted_reserved_mib"] >= row["peak_mib"]
         assert row["fits"] == (row["batch_size"] <= row["predicted_max_batch"])
-    by = {(r["technique"], r["batch_size"]): r for r in rows}
+    by = {(r["label"], r["batch_size"]): r for r in rows}
     assert by[("bf16_window16", 32)]["window"] == 16 and by[("baseline", 32)]["window"] is None
     # The memory-efficient techniques fit more: the reason the tool exists.
     assert by[("bf16_flash", 32)]["predicted_max_batch"] > by[("baseline", 32)]["predicted_max_batch"]
@@ -136,7 +136,7 @@ def test_vocabulary_comes_from_the_dataset_manifest(sample_dataset):
 
 def test_a_technique_the_model_does_not_cover_is_reported_not_fatal():
     pred = predict_grid(SweepConfig(techniques=("bf16", "sac"), batch_sizes=(32,)))
-    by = {r["technique"]: r for r in pred.rows}
+    by = {r["label"]: r for r in pred.rows}
     assert by["bf16"]["error"] is None and by["bf16"]["predicted_max_batch"] > 0
     assert by["sac"]["predicted_peak_mib"] is None and "not covered" in by["sac"]["error"]
 
@@ -174,7 +174,7 @@ def test_compiled_configs_are_flagged_as_an_eager_upper_bound():
     """torch.compile is not modelled: a compiled row says its number is the eager step's, in JSON and in the table."""
     proc = _cli("--json", "--techniques", "flash", "flash_compile", "--batch-sizes", "64")
     assert proc.returncode == 0, proc.stderr
-    rows = {r["technique"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    rows = {r["label"]: r for r in map(json.loads, proc.stdout.splitlines())}
     assert rows["bf16_flash_compile"]["upper_bound"] is True and rows["bf16_flash"]["upper_bound"] is False
     assert rows["bf16_flash_compile"]["predicted_peak_mib"] == rows["bf16_flash"]["predicted_peak_mib"]
     table = _cli("--techniques", "flash_compile", "--batch-sizes", "64").stdout

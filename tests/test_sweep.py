@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from contract.experiment import GRID_KEY, KIND_KEY
 from sweep import PRESETS, SweepConfig, SweepError, build_grid, plan_sweep, run_sweep, trial_name
-from sweep.runner import results_table
-from sweep.tuning import GRID_KEY, param_space
+from sweep.orchestrate import results_table
+from sweep.tuning import param_space
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"n_layers": 1, "d_model": 32, "n_heads": 2, "ff_dim": 64, "seq_len": 32, "max_steps": 4,
@@ -42,7 +43,7 @@ def test_only_skip_and_windows_shape_the_grid():
 def test_param_space_is_flat_with_one_grid_search():
     grid = build_grid(["baseline", "window"], [4, 8], [8], overrides={"data_dir": "/d", "device": "cpu"})
     space = param_space(grid)
-    assert set(space) == set(grid[0]) | {GRID_KEY}
+    assert set(space) == set(grid[0]) | {GRID_KEY, KIND_KEY}
     assert sorted(space[GRID_KEY]["grid_search"]) == sorted(trial_name(p) for p in grid)
     assert space["device"] == "cpu"  # constants stay plain values
 
@@ -68,14 +69,14 @@ def test_small_sweep_end_to_end(ray_local, sample_dataset, tmp_path):
         assert r.error is None
         assert r.metrics["final"] is True and r.metrics["status"] == "ok" and r.metrics["step"] == 4
         assert Path(r.path).name == r.config[GRID_KEY]  # trial dirs carry the trial names
-        cfg_back = TrialConfig.from_dict({k: v for k, v in r.config.items() if k != GRID_KEY})
+        cfg_back = TrialConfig.from_dict({k: v for k, v in r.config.items() if k not in (GRID_KEY, KIND_KEY)})
         assert trial_name(cfg_back) == r.config[GRID_KEY]  # the flat config is the trial's own
-        assert cfg_back.batch_size == r.metrics["batch_size"]
+        assert cfg_back.label == r.metrics["label"]
 
     restored = tune.ResultGrid(tune.ExperimentAnalysis(path))
     assert {r.config[GRID_KEY] for r in restored} == expected
     assert all(r.error is None and r.metrics["status"] == "ok" for r in restored)
-    table = results_table(results, path)
+    table = results_table(path)
     assert "bf16_window8" in table and "baseline" in table
 
     with pytest.raises(SweepError, match="already exists"):
@@ -115,20 +116,20 @@ def test_bad_cli_input_exits_2_with_one_line_before_ray_starts(tmp_path):
 
 def test_trials_predicted_not_to_fit_are_named_before_any_run(sample_dataset):
     """A GPU grid on a known card: the memory model names the trials that will OOM; they still run (a result)."""
-    from sweep.runner import predicted_oom_notice
+    from sweep.predict import predicted_oom_notice
 
     model = {"seq_len": 64, "n_layers": 2, "d_model": 256, "n_heads": 4, "ff_dim": 1024}
     cfg = SweepConfig(techniques=("baseline", "flash", "flash_compile"), batch_sizes=(4, 512), device="cuda",
                       gpu_memory_gb=0.5, data_dir=str(sample_dataset), overrides=model)
     plan = plan_sweep(cfg, gpus=1)
-    note = predicted_oom_notice(cfg, plan, local_mib=None)
+    note = predicted_oom_notice(plan, local_mib=None)
     assert note is not None and "2 of 6 trials" in note, note
     named = set(re.findall(r"(\w+_bs\d+) \(~", note))
     assert named == {"baseline_bs512", "bf16_flash_bs512"}, note  # compiled: an upper bound, not named
     assert "end as OOM results" in note and "--gpu-memory-gb 0.5" in note
     roomy = replace(cfg, gpu_memory_gb=40.0)
-    assert predicted_oom_notice(roomy, plan_sweep(roomy, gpus=1), local_mib=None) is None
+    assert predicted_oom_notice(plan_sweep(roomy, gpus=1), local_mib=None) is None
     unknown = replace(cfg, gpu_memory_gb=None)  # a remote cluster's GPUs: nothing is said
-    assert predicted_oom_notice(unknown, plan_sweep(unknown, gpus=1), local_mib=None) is None
+    assert predicted_oom_notice(plan_sweep(unknown, gpus=1), local_mib=None) is None
     cpu = replace(cfg, device="cpu", techniques=("baseline",), gpu_memory_gb=None)
-    assert predicted_oom_notice(cpu, plan_sweep(cpu, gpus=0), local_mib=24564.0) is None
+    assert predicted_oom_notice(plan_sweep(cpu, gpus=0), local_mib=24564.0) is None

@@ -126,7 +126,7 @@ REJECTIONS = [
     ({"compile": 1}, "compile must be true or false, got 1"),
     ({"checkpointing": "selectiv"}, "unknown checkpointing 'selectiv' (did you mean 'selective'?)"),
     ({"peak_flops": 0}, "peak_flops must be a positive number"),
-    ({"peak_flops": float("inf")}, "peak_flops must be a positive number"),
+    ({"peak_flops": float("inf")}, "peak_flops must be a finite number"),
 ]
 
 

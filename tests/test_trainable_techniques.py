@@ -102,7 +102,7 @@ def test_selective_checkpointing_trial_has_the_same_curve(sample_dataset):
     sac = run(tiny(sample_dataset, checkpointing="selective"))
     assert losses(sac) == pytest.approx(losses(plain), rel=1e-6)
     assert sac[-1]["val_loss"] == pytest.approx(plain[-1]["val_loss"], rel=1e-6)
-    assert sac[-1]["technique"] == "sac" and sac[-1]["checkpointing"] == "selective"
+    assert sac[-1]["label"] == "sac"
 
 
 # -- fused CE in a trial ----------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_fused_ce_trial_matches_the_standard_loss(sample_dataset):
     fused = run(tiny(sample_dataset, loss="fused_ce"))
     assert losses(fused) == pytest.approx(losses(plain), rel=1e-5)
     assert fused[-1]["val_loss"] == pytest.approx(plain[-1]["val_loss"], rel=1e-5)
-    assert fused[-1]["technique"] == "fusedce" and fused[-1]["loss_fn"] == "fused_ce"
+    assert fused[-1]["label"] == "fusedce"
 
 
 # -- MFU ---------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_trial_reports_mfu_and_steady_throughput(sample_dataset):
 def test_compile_with_selective_checkpointing_on_cpu(sample_dataset):
     eager = run(tiny(sample_dataset, checkpointing="selective"))
     compiled = run(tiny(sample_dataset, checkpointing="selective", compile=True))
-    assert compiled[-1]["technique"] == "sac_compile" and compiled[-1]["compile"] is True
+    assert compiled[-1]["label"] == "sac_compile"
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
     assert compiled[-1]["val_loss"] == pytest.approx(eager[-1]["val_loss"], rel=1e-4)
     assert [r["compiling"] for r in compiled] == [True, False, False, False]  # forward + lazy backward in step 1
@@ -187,14 +187,13 @@ def test_compile_with_selective_checkpointing_on_cpu(sample_dataset):
 def test_ray_exporter_sets_gauges_inside_ray(ray_local):
     from ray.util.metrics import Gauge
 
-    exporter = RayMetricsExporter()
-    metrics = {"technique": "bf16_flash", "batch_size": 32, "loss": 2.5, "tokens_per_s": 1e5,
-               "mem_step_peak_mib": math.nan, "mfu": 0.4}
+    exporter = RayMetricsExporter("bf16_flash", 32)
+    metrics = {"label": "bf16_flash", "loss": 2.5, "tokens_per_s": 1e5, "mem_step_peak_mib": math.nan, "mfu": 0.4}
     exporter.record(metrics)
     exporter.record({**metrics, "loss": 2.25, "mem_step_peak_mib": 1234.0})
     assert exporter.enabled is True and exporter.num_records == 2
     assert set(exporter.gauges) == set(GAUGES) and all(isinstance(g, Gauge) for g in exporter.gauges.values())
     assert all(g._tag_keys == TAG_KEYS for g in exporter.gauges.values())
-    assert exporter.tags == {"trial": "bf16_flash_bs32", "technique": "bf16_flash", "batch_size": "32"}
+    assert exporter.tags == {"trial": "bf16_flash_bs32", "label": "bf16_flash", "batch_size": "32"}
     assert exporter.last_values == {"memeff_loss": 2.25, "memeff_tokens_per_s": 1e5,
                                     "memeff_step_peak_mib": 1234.0, "memeff_mfu": 0.4}

@@ -7,16 +7,10 @@ import sys
 
 import pytest
 
+from contract.keys import keys_of
 from trainable import RayMetricsExporter, TrialConfig, TuneCheckpointIO, run_trial, tune_trainable
 
-STEP_KEYS = {
-    "step", "loss", "lr", "tokens_seen", "step_time_s", "tokens_per_s", "mem_fwd_peak_mib", "mem_bwd_peak_mib",
-    "mem_step_peak_mib", "mem_allocated_mib", "mem_reserved_mib", "oom", "technique", "attention_kernel", "dtype",
-    "tf32", "checkpointing", "batch_size", "window", "seq_len", "num_params", "device", "gpu_name", "gpu_total_mib",
-    "gpu_memory_limit_gb", "torch_version", "cuda_version",
-    # beyond the contract's minimum: MFU, compilation and warm-up flags
-    "mfu", "model_flops_per_token", "peak_flops", "compile", "compiling", "warmup", "compile_time_s",
-}
+STEP_KEYS = set(keys_of("step", "fact"))
 
 
 def tiny(data, **kw) -> dict:
@@ -48,7 +42,7 @@ def test_tune_trial_reports_contract_keys_every_step(ray_local, sample_dataset, 
     assert not history["oom"].any() and history["loss"].notna().all()
     assert history["val_loss"].notna().tolist() == [False, False, True, False, False, True]
     final = result.metrics
-    assert final["final"] is True and final["status"] == "ok" and final["technique"] == "gradcp"
+    assert final["final"] is True and final["status"] == "ok" and final["label"] == "gradcp"
     assert math.isfinite(final["val_ppl"]) and final["train_time_s"] > 0
     assert history["warmup"].tolist() == [True] + [False] * 5 and not history["compiling"].any()
     assert final["steady_tokens_per_s"] > 0
@@ -89,8 +83,9 @@ def exporting_trial(config: dict) -> None:
 
     config = dict(config)
     out = config.pop("exporter_out")
-    exporter = RayMetricsExporter()
-    run_trial(TrialConfig.from_dict(config), tune.report, exporter=exporter)
+    cfg = TrialConfig.from_dict(config)
+    exporter = RayMetricsExporter(cfg.label, cfg.batch_size)
+    run_trial(cfg, tune.report, exporter=exporter)
     with open(out, "w") as f:
         json.dump({"enabled": exporter.enabled, "gauges": {n: type(g).__module__ + "." + type(g).__name__
                                                            for n, g in exporter.gauges.items()},
@@ -108,7 +103,7 @@ def test_ray_metrics_are_exported_from_the_trial_worker(ray_local, sample_datase
     assert exported["gauges"] == dict.fromkeys(
         ["memeff_step_peak_mib", "memeff_loss", "memeff_tokens_per_s", "memeff_mfu"], "ray.util.metrics.Gauge")
     tags = exported["tags"]
-    assert (tags["technique"], tags["batch_size"]) == ("sac", "4")
+    assert (tags["label"], tags["batch_size"]) == ("sac", "4")
     assert tags["trial"].startswith("exporting_trial_")  # Tune's trial name, not the `sac_bs4` fallback
     # CPU: memory and MFU are not measured (NaN) and not exported; loss and speed are, from the last step
     assert set(exported["last_values"]) == {"memeff_loss", "memeff_tokens_per_s"}

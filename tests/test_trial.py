@@ -6,17 +6,13 @@ import math
 import pytest
 import torch
 
+from contract.keys import keys_of
 from trainable import LOSSES, ConfigError, DirectoryCheckpointIO, TrialConfig, run_trial
 from trainable.losses import standard_cross_entropy
 
-STEP_KEYS = {
-    "step", "loss", "lr", "tokens_seen", "step_time_s", "tokens_per_s", "mem_fwd_peak_mib", "mem_bwd_peak_mib",
-    "mem_step_peak_mib", "mem_allocated_mib", "mem_reserved_mib", "oom",
-}
-FACT_KEYS = {
-    "technique", "attention_kernel", "dtype", "tf32", "checkpointing", "batch_size", "window", "seq_len", "num_params",
-    "device", "gpu_name", "gpu_total_mib", "gpu_memory_limit_gb", "torch_version", "cuda_version",
-}
+STEP_KEYS = set(keys_of("step"))
+FACT_KEYS = set(keys_of("fact"))
+FINAL_KEYS = set(keys_of("final"))
 MEM_KEYS = {k for k in STEP_KEYS if k.startswith("mem_")}
 
 
@@ -45,13 +41,15 @@ def test_every_step_reports_the_contract_keys(sample_dataset):
     assert [r["step"] for r in reports] == [1, 2, 3, 4, 5, 6]
     for r in reports:
         assert STEP_KEYS | FACT_KEYS <= r.keys()
+        assert set(r) <= STEP_KEYS | FACT_KEYS | FINAL_KEYS | set(keys_of("eval"))  # nothing outside the contract
         assert r["oom"] is False and math.isfinite(r["loss"]) and r["step_time_s"] > 0
         assert r["tokens_seen"] == r["step"] * 4 * 64 and r["tokens_per_s"] == pytest.approx(256 / r["step_time_s"])
         assert all(math.isnan(r[k]) for k in MEM_KEYS)  # CPU: memory is not measured -> NaN
-        assert r["technique"] == "baseline" and r["attention_kernel"] == "eager" and r["device"] == "cpu"
-        assert r["dtype"] == "float32" and r["tf32"] is False and r["window"] is None
+        assert r["label"] == "baseline" and r["attention_kernel"] == "eager" and r["device"] == "cpu"
+        assert r["dtype"] == "float32" and r["tf32"] is False and r["family"] == "baseline"
     assert [r["step"] for r in reports if "val_loss" in r] == [3, 6]  # eval_interval and the end
     assert final is reports[-1] and final["final"] is True and final["status"] == "ok"
+    assert FINAL_KEYS <= final.keys() and final["wall_tokens_per_s"] > 0 and final["setup_time_s"] > 0
     assert final["val_ppl"] == pytest.approx(math.exp(final["val_loss"]))
     assert final["train_time_s"] > 0 and "final" not in reports[0]
     assert reports[0]["lr"] == pytest.approx(1.5e-3)  # warm-up 1/2 of lr
@@ -70,13 +68,13 @@ def test_gradient_checkpointing_leaves_the_curve_unchanged(sample_dataset):
     ckpt, c_final = run(tiny(sample_dataset, max_steps=4, technique="gradcp"))
     assert losses(plain) == pytest.approx(losses(ckpt), rel=1e-6)
     assert p_final["val_loss"] == pytest.approx(c_final["val_loss"], rel=1e-6)
-    assert c_final["technique"] == "gradcp" and c_final["checkpointing"] == "full"
+    assert c_final["label"] == "gradcp"
 
 
 def test_window_on_cpu_runs_eager_with_a_window_mask(sample_dataset):
     reports, final = run(tiny(sample_dataset, technique="window", window=16, max_steps=2))
-    assert final["technique"] == "bf16_window16" and final["attention_kernel"] == "eager"
-    assert final["dtype"] == "bfloat16" and final["window"] == 16 and math.isfinite(final["loss"])
+    assert final["label"] == "bf16_window16" and final["attention_kernel"] == "eager"
+    assert final["dtype"] == "bfloat16" and final["family"] == "bf16" and math.isfinite(final["loss"])
 
 
 def test_validation_uses_the_same_rows_at_every_batch_size(sample_dataset):
@@ -138,11 +136,11 @@ def test_allocation_failure_is_a_result_not_a_crash(sample_dataset, monkeypatch,
             torch.empty(1 << 50, dtype=torch.uint8)
         return standard_cross_entropy(hidden, weight, targets)
 
-    monkeypatch.setitem(LOSSES, "alloc_fails", loss_that_runs_out_of_memory)
-    reports, final = run(tiny(sample_dataset, loss="alloc_fails", eval_interval=3))
+    monkeypatch.setitem(LOSSES, "standard", loss_that_runs_out_of_memory)
+    reports, final = run(tiny(sample_dataset, eval_interval=3))
     assert [r["step"] for r in reports] == reported  # steps before it, then the OOM report
     assert final is reports[-1] and final["oom"] is True and final["status"] == "oom" and final["final"] is True
-    assert final["oom_phase"] == phase and final["batch_size"] == 4 and math.isnan(final["loss"])
+    assert final["oom_phase"] == phase and math.isnan(final["loss"])
     assert "can't allocate memory" in final["oom_message"] and STEP_KEYS | FACT_KEYS <= final.keys()
 
 
@@ -150,9 +148,9 @@ def test_other_errors_propagate(sample_dataset, monkeypatch):
     def broken(hidden, weight, targets):
         raise ValueError("a bug, not a memory result")
 
-    monkeypatch.setitem(LOSSES, "broken", broken)
+    monkeypatch.setitem(LOSSES, "standard", broken)
     with pytest.raises(ValueError, match="a bug"):
-        run(tiny(sample_dataset, loss="broken"))
+        run(tiny(sample_dataset))
 
 
 @pytest.mark.parametrize(

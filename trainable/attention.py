@@ -14,15 +14,14 @@ in the graph instead of read from a host-side cache, and flex calls the flex_att
 so that the outer compilation fuses it (outside one, flex runs its own compiled kernel: uncompiled,
 flex_attention falls back to a slow reference path that materialises the scores).
 
-Which kernel runs is decided inside the trial from the config and the hardware (`select_kernel`),
-never at import time; the trial reports the chosen kernel's name as `attention_kernel`. Kernels do
-not fall back silently: `sdpa_flash` allows only SDPA's flash backend, so an unsupported input
+Which kernel runs is decided inside the trial from the config and the hardware (`select_kernel`, over
+the torch-free table in `kernels.py`), never at import time; the trial reports the chosen kernel's name
+as `attention_kernel`. Kernels do not fall back silently: `sdpa_flash` allows only SDPA's flash backend, so an unsupported input
 raises instead of quietly running the math kernel.
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import warnings
 from dataclasses import dataclass
@@ -32,10 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ConfigError
+from .kernels import CUDA_NEEDED, KERNEL_PREFERENCE, KERNELS, KernelSpec, select_kernel_name  # noqa: F401
 
 Attend = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q, k, v) -> out, all (B, H, T, Dh)
-FLASH_INSTALL_HINT = "pip install 'memeff-sweep[flash]'"
 
 
 @functools.lru_cache(maxsize=32)
@@ -156,76 +154,47 @@ def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, window: int | None = 
         return flex_attention(q, k, v, block_mask=block_mask)
 
 
-def _flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
 @dataclass(frozen=True)
 class AttentionKernel:
-    """One entry of the registry: the function plus what it needs, so selection is a table lookup."""
+    """One entry of the registry: the kernel's requirements (`kernels.KernelSpec`) plus its function."""
 
-    name: str
+    spec: KernelSpec
     fn: Callable[..., Tensor]  # fn(q, k, v, window)
-    attentions: tuple[str, ...]  # which `attention` switches it can run
-    needs_cuda: bool = False
-    needs_bf16: bool = False
-    is_available: Callable[[], bool] = lambda: True
-    install_hint: str | None = None
     prepare: Callable[[int, int | None, torch.device], None] | None = None  # (seq_len, window, device)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def attentions(self) -> tuple[str, ...]:
+        return self.spec.attentions
+
+    @property
+    def needs_cuda(self) -> bool:
+        return self.spec.needs_cuda
+
+    @property
+    def needs_bf16(self) -> bool:
+        return self.spec.needs_bf16
 
     def bind(self, window: int | None) -> Attend:
         """The (q, k, v) -> out callable a model layer calls."""
         return functools.partial(self.fn, window=window)
 
 
+_FUNCTIONS: dict[str, tuple[Callable[..., Tensor], Callable | None]] = {
+    "eager": (eager_attention, None),
+    "sdpa": (sdpa_attention, None),
+    "sdpa_flash": (sdpa_flash_attention, None),
+    "flash_attn": (flash_attn_attention, None),
+    "flex": (flex_attention_kernel, prepare_flex),
+}
 ATTENTION_BACKENDS: dict[str, AttentionKernel] = {
-    k.name: k
-    for k in (
-        AttentionKernel("eager", eager_attention, ("standard", "window")),
-        AttentionKernel("sdpa", sdpa_attention, ("standard", "window")),
-        AttentionKernel("sdpa_flash", sdpa_flash_attention, ("flash",), needs_cuda=True, needs_bf16=True),
-        AttentionKernel("flash_attn", flash_attn_attention, ("flash", "window"), needs_cuda=True, needs_bf16=True,
-                        is_available=_flash_attn_installed, install_hint=FLASH_INSTALL_HINT),
-        AttentionKernel("flex", flex_attention_kernel, ("window",), needs_cuda=True, prepare=prepare_flex),
-    )
+    name: AttentionKernel(spec, *_FUNCTIONS[name]) for name, spec in KERNELS.items()
 }
-
-# First eligible kernel wins ("auto"). Exact causal attention for `standard` stays eager on purpose:
-# the baseline is the memory-hungry textbook kernel the memory-efficient ones are measured against.
-KERNEL_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "standard": ("eager",),
-    "flash": ("flash_attn", "sdpa_flash"),
-    "window": ("flash_attn", "flex", "eager"),
-}
-CUDA_NEEDED = "flash attention needs a CUDA GPU; use --device cuda or technique bf16"
-
-
-def _why_not(kernel: AttentionKernel, attention: str, precision: str, device_type: str) -> str | None:
-    """Why `kernel` cannot run here (one line), or None when it can."""
-    if attention not in kernel.attentions:
-        return f"kernel {kernel.name!r} cannot run {attention!r} attention"
-    if kernel.needs_cuda and device_type != "cuda":
-        return CUDA_NEEDED
-    if kernel.needs_bf16 and precision != "bf16":
-        return f"kernel {kernel.name!r} needs bf16 precision, got {precision!r}"
-    if not kernel.is_available():
-        return f"kernel {kernel.name!r} is not installed: {kernel.install_hint}"
-    return None
 
 
 def select_kernel(attention: str, precision: str, device_type: str, requested: str = "auto") -> AttentionKernel:
-    """The kernel a trial runs: `requested` if it can run here, else the first eligible preference."""
-    if requested != "auto":
-        kernel = ATTENTION_BACKENDS[requested]
-        reason = _why_not(kernel, attention, precision, device_type)
-        if reason:
-            raise ConfigError(reason)
-        return kernel
-    reasons = []
-    for name in KERNEL_PREFERENCE[attention]:
-        kernel = ATTENTION_BACKENDS[name]
-        reason = _why_not(kernel, attention, precision, device_type)
-        if reason is None:
-            return kernel
-        reasons.append(reason)
-    raise ConfigError(CUDA_NEEDED if CUDA_NEEDED in reasons else reasons[0])
+    """The kernel a trial runs (`kernels.select_kernel_name`), with its function."""
+    return ATTENTION_BACKENDS[select_kernel_name(attention, precision, device_type, requested)]

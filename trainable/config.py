@@ -1,61 +1,32 @@
-"""One trial's configuration: a flat dataclass of switches, validated once at construction.
+"""One trial's configuration: a flat dataclass of switches, validated once at construction, free of torch.
 
 Techniques are switches (`precision`, `attention`, `window`, `checkpointing`, `loss`, `compile`);
-the named techniques are presets over them (`TECHNIQUES`). A preset only fills switches left
-unset, so `{"technique": "flash", "checkpointing": "full"}` is FlashAttention plus gradient
-checkpointing. The label a trial is known by (`bf16_flash_gradcp`, `bf16_flash_sac_fusedce_compile`)
-is derived from the switches by `technique_label`, never stored, so it cannot disagree with what ran.
+the named techniques are presets over them (`contract.techniques.TECHNIQUES`). A preset only fills
+switches left unset, so `{"technique": "flash", "checkpointing": "full"}` is FlashAttention plus
+gradient checkpointing. The label a trial is known by (`bf16_flash_gradcp`) is derived from the
+switches by `contract.technique_label`, never stored, so it cannot disagree with what ran.
 
-Checks that need the prepared dataset (vocab, rows) or the hardware (CUDA present, flash-attn
-installed) run at the start of the trial, still before any GPU work (see `trial.py`).
+This is the one place a trial's settings are validated: the sweep builds its grid from `TrialConfig`s
+and repeats none of these checks. Checks that need the prepared dataset (`dataset_check.py`) or the
+hardware (CUDA present, flash-attn installed) run at the start of the trial, still before any GPU work.
+Field metadata (help, choices) is what `python -m trainable --help` shows (`contract.cli`).
 """
 from __future__ import annotations
 
 import difflib
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .attention import ATTENTION_BACKENDS, CUDA_NEEDED, KERNEL_PREFERENCE
-from .checkpointing import CHECKPOINTING
+from contract.techniques import (
+    ATTENTIONS, CHECKPOINTING, DEFAULT_SWITCHES, DEVICES, LOSSES, PRECISIONS, SCHEDULES, TECHNIQUES, technique_label,
+)
+
 from .errors import ConfigError
-from .losses import LOSSES
-from .precision import PRECISIONS
+from .kernels import CUDA_NEEDED, KERNELS, why_not
 
-# standard: exact causal attention through the eager kernel (materialises the T x T scores);
-# flash: exact causal attention through a fused kernel (flash_attn, else SDPA's flash backend);
-# window: sliding-window causal attention of `window` keys (flash_attn, else flex, else eager on CPU).
-ATTENTIONS = tuple(KERNEL_PREFERENCE)
-KERNELS = ("auto", *ATTENTION_BACKENDS)
-SCHEDULES = ("cosine", "constant")
-DEVICES = ("auto", "cuda", "cpu")
-
-# The seed's techniques (baseline, bf16, flash, window, gradcp), the combinations the sweep uses, and the
-# newer techniques: selective activation checkpointing (sac), fused linear cross-entropy, torch.compile.
-TECHNIQUES: dict[str, dict[str, str | bool]] = {
-    "baseline": {"precision": "tf32", "attention": "standard", "checkpointing": "none"},
-    "fp32": {"precision": "fp32", "attention": "standard", "checkpointing": "none"},
-    "bf16": {"precision": "bf16", "attention": "standard", "checkpointing": "none"},
-    "flash": {"precision": "bf16", "attention": "flash", "checkpointing": "none"},
-    "window": {"precision": "bf16", "attention": "window", "checkpointing": "none"},
-    "gradcp": {"precision": "tf32", "attention": "standard", "checkpointing": "full"},
-    "bf16_gradcp": {"precision": "bf16", "attention": "standard", "checkpointing": "full"},
-    "flash_gradcp": {"precision": "bf16", "attention": "flash", "checkpointing": "full"},
-    "window_gradcp": {"precision": "bf16", "attention": "window", "checkpointing": "full"},
-    "sac": {"precision": "tf32", "attention": "standard", "checkpointing": "selective"},
-    "flash_sac": {"precision": "bf16", "attention": "flash", "checkpointing": "selective"},
-    "fused_ce": {"precision": "bf16", "attention": "flash", "checkpointing": "none", "loss": "fused_ce"},
-    "flash_compile": {"precision": "bf16", "attention": "flash", "checkpointing": "none", "compile": True},
-    "window_compile": {"precision": "bf16", "attention": "window", "checkpointing": "none", "compile": True},
-    "fused_ce_compile": {"precision": "bf16", "attention": "flash", "checkpointing": "none", "loss": "fused_ce",
-                         "compile": True},
-}
-# What a switch is when neither the config nor its preset sets it: the baseline.
-DEFAULT_SWITCHES: dict[str, str | bool] = {**TECHNIQUES["baseline"], "loss": "standard", "compile": False}
-# Label parts of non-default switch values (other values are spelled out: gradcp-<mode>, the loss name).
-CHECKPOINTING_LABELS = {"none": "", "full": "gradcp", "selective": "sac"}
-LOSS_LABELS = {"standard": "", "fused_ce": "fusedce"}
+KERNEL_CHOICES = ("auto", *KERNELS)
 
 
 def _close(name: str, choices) -> str:
@@ -72,9 +43,13 @@ def _as_bool(name: str, value: Any) -> bool:
     raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
-def _choice(field: str, value: Any, choices) -> None:
+def _choice(name: str, value: Any, choices) -> None:
     if value not in choices:
-        raise ConfigError(f"unknown {field} {value!r}{_close(value, choices)}; choose from {', '.join(choices)}")
+        raise ConfigError(f"unknown {name} {value!r}{_close(value, choices)}; choose from {', '.join(choices)}")
+
+
+def _f(help: str, **meta: Any) -> dict[str, Any]:
+    return {"help": help, **meta}
 
 
 @dataclass
@@ -82,43 +57,59 @@ class TrialConfig:
     """Every knob of one training run. Switches left None come from `technique` (else baseline)."""
 
     # techniques as switches
-    technique: str | None = None
-    precision: str | None = None  # fp32 | tf32 | bf16
-    attention: str | None = None  # standard | flash | window
-    window: int | None = None  # sliding window W: query i sees keys j with i - W < j <= i
-    checkpointing: str | None = None  # none | full | selective
-    loss: str | None = None  # standard | fused_ce
-    compile: bool | None = None  # torch.compile the model and loss (False when unset)
-    kernel: str = "auto"  # force one attention kernel (else chosen from attention + hardware)
+    technique: str | None = field(default=None, metadata=_f("a named preset of switches", choices=tuple(TECHNIQUES),
+                                                            metavar="NAME", default_help="unset: the baseline"))
+    precision: str | None = field(default=None, metadata=_f("fp32 (strict), tf32 (TF32 matmuls) or bf16 autocast",
+                                                            choices=PRECISIONS, default_help="from the technique"))
+    attention: str | None = field(default=None, metadata=_f("standard (eager), flash (fused) or window (sliding)",
+                                                            choices=ATTENTIONS, default_help="from the technique"))
+    window: int | None = field(default=None, metadata=_f("sliding window W: query i sees keys j with i - W < j <= i",
+                                                         metavar="W"))
+    checkpointing: str | None = field(default=None, metadata=_f(
+        "none, full (recompute every block) or selective (save matmul outputs)", choices=CHECKPOINTING,
+        default_help="from the technique"))
+    loss: str | None = field(default=None, metadata=_f("standard or fused_ce (never materialises the logits)",
+                                                       choices=LOSSES, default_help="standard"))
+    compile: bool | None = field(default=None, metadata=_f("torch.compile the model and loss",
+                                                           default_help="from the technique, else off"))
+    kernel: str = field(default="auto", metadata=_f("force one attention kernel", choices=KERNEL_CHOICES))
     # model (vocab_size None: the dataset's)
-    n_layers: int = 6
-    d_model: int = 512
-    n_heads: int = 8
-    ff_dim: int = 2048
-    seq_len: int = 512
-    vocab_size: int | None = None
+    n_layers: int = field(default=6, metadata=_f("transformer blocks"))
+    d_model: int = field(default=512, metadata=_f("hidden size"))
+    n_heads: int = field(default=8, metadata=_f("attention heads"))
+    ff_dim: int = field(default=2048, metadata=_f("MLP hidden size"))
+    seq_len: int = field(default=512, metadata=_f("tokens per training sequence (<= the dataset's rows)"))
+    vocab_size: int | None = field(default=None, metadata=_f("vocabulary; must equal the dataset's",
+                                                             default_help="the dataset's"))
     # optimisation
-    batch_size: int = 32
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # 0 disables clipping
-    seed: int = 0
+    batch_size: int = field(default=32, metadata=_f("sequences per step"))
+    lr: float = field(default=3e-4, metadata=_f("peak learning rate (AdamW)"))
+    weight_decay: float = field(default=0.1, metadata=_f("AdamW weight decay on matrices"))
+    warmup_steps: int = field(default=100, metadata=_f("linear learning-rate warm-up steps"))
+    schedule: str = field(default="cosine", metadata=_f("learning-rate schedule after warm-up", choices=SCHEDULES))
+    min_lr_ratio: float = field(default=0.1, metadata=_f("final learning rate / peak (cosine)"))
+    grad_clip: float = field(default=1.0, metadata=_f("gradient-norm clip; 0 disables it"))
+    seed: int = field(default=0, metadata=_f("initial weights and data order"))
     # data and budget (no budget given: one epoch; several: the first one reached ends the run)
-    data_dir: str | None = None
-    epochs: int | None = None
-    max_steps: int | None = None
-    max_tokens: int | None = None
-    eval_interval: int = 250  # steps between validations (0: only at the end)
-    eval_batches: int = 8  # validation = the first eval_batches * eval_batch_size rows of val, unshuffled
-    eval_batch_size: int = 16
+    data_dir: str | None = field(default=None, metadata=_f("prepared dataset directory (python -m data_prep prepare)",
+                                                           flag="--data", metavar="DIR", default_help="required"))
+    epochs: int | None = field(default=None, metadata=_f("passes over the training split",
+                                                         default_help="1 when no budget is given"))
+    max_steps: int | None = field(default=None, metadata=_f("optimizer steps"))
+    max_tokens: int | None = field(default=None, metadata=_f("training tokens"))
+    eval_interval: int = field(default=250, metadata=_f("steps between validations (0: only at the end)"))
+    eval_batches: int = field(default=8, metadata=_f("validation = the first eval_batches x eval_batch_size val rows"))
+    eval_batch_size: int = field(default=16, metadata=_f("rows per validation forward"))
     # hardware
-    device: str = "auto"  # auto | cuda | cpu
-    gpu_memory_gb: float | None = None  # cap this process's CUDA allocator, emulating a smaller card
-    checkpoint_interval: int = 0  # steps between resumable checkpoints (0: off)
-    peak_flops: float | None = None  # the GPU's peak dense bf16 FLOP/s for MFU (None: look up the GPU's name)
+    device: str = field(default="auto", metadata=_f("auto (CUDA when there is one), cuda or cpu", choices=DEVICES))
+    gpu_memory_gb: float | None = field(default=None, metadata=_f(
+        "cap this process's CUDA allocator at X GiB, emulating a smaller card", metavar="X"))
+    checkpoint_interval: int = field(default=0, metadata=_f("steps between resumable checkpoints (0: off)",
+                                                            metavar="STEPS"))
+    checkpoint_minutes: float = field(default=0.0, metadata=_f("minutes between resumable checkpoints (0: off)",
+                                                               metavar="MIN"))
+    peak_flops: float | None = field(default=None, metadata=_f("the GPU's peak dense bf16 FLOP/s for MFU",
+                                                               metavar="FLOPS", default_help="looked up by GPU name"))
 
     def __post_init__(self) -> None:
         self._normalise_types()
@@ -155,7 +146,7 @@ class TrialConfig:
             value = getattr(self, f.name)
             if value is None:
                 continue
-            kind = f.type.split(" |")[0]
+            kind = str(f.type).split(" |")[0]
             if kind == "bool":
                 value = _as_bool(f.name, value)
             try:
@@ -173,6 +164,8 @@ class TrialConfig:
                     raise ValueError
             except (TypeError, ValueError, OverflowError):
                 raise ConfigError(f"{f.name} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}") from None
+            if kind == "float" and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
             setattr(self, f.name, value)
 
     # -- validation (pure: no torch, no files, no GPU) ---------------------------------------------
@@ -183,7 +176,7 @@ class TrialConfig:
         _choice("loss", self.loss, LOSSES)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
-        _choice("kernel", self.kernel, KERNELS)
+        _choice("kernel", self.kernel, KERNEL_CHOICES)
         self._validate_model()
         self._validate_attention()
         self._validate_training()
@@ -204,13 +197,10 @@ class TrialConfig:
         if self.attention == "flash" and self.device == "cpu":
             raise ConfigError(CUDA_NEEDED)
         if self.kernel != "auto":
-            kernel = ATTENTION_BACKENDS[self.kernel]
-            if self.attention not in kernel.attentions:
-                raise ConfigError(f"kernel {self.kernel!r} cannot run {self.attention!r} attention")
-            if kernel.needs_cuda and self.device == "cpu":
-                raise ConfigError(CUDA_NEEDED)
-            if kernel.needs_bf16 and self.precision != "bf16":
-                raise ConfigError(f"kernel {self.kernel!r} needs bf16 precision, got {self.precision!r}")
+            reason = why_not(KERNELS[self.kernel], self.attention, self.precision,
+                             "cpu" if self.device == "cpu" else "cuda", check_installed=False)
+            if reason:
+                raise ConfigError(reason)
 
     def _validate_model(self) -> None:
         for name in ("n_layers", "d_model", "n_heads", "ff_dim", "seq_len"):
@@ -224,7 +214,7 @@ class TrialConfig:
     def _validate_training(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if not self.lr > 0:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if not self.weight_decay >= 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -232,7 +222,7 @@ class TrialConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not self.grad_clip >= 0:
             raise ConfigError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
-        for name in ("warmup_steps", "eval_interval", "checkpoint_interval"):
+        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "checkpoint_minutes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("epochs", "max_steps", "max_tokens", "eval_batches", "eval_batch_size"):
@@ -245,10 +235,10 @@ class TrialConfig:
             raise ConfigError("data_dir is required: a prepared dataset directory (python -m data_prep prepare)")
         # Absolute at the edge: Tune runs trials in their own working directory.
         self.data_dir = os.path.abspath(os.path.expanduser(self.data_dir))
-        if self.peak_flops is not None and not (self.peak_flops > 0 and math.isfinite(self.peak_flops)):
+        if self.peak_flops is not None and not self.peak_flops > 0:
             raise ConfigError(f"peak_flops must be a positive number of FLOP/s (e.g. 989.5e12), got {self.peak_flops}")
         if self.gpu_memory_gb is not None:
-            if not (self.gpu_memory_gb > 0 and math.isfinite(self.gpu_memory_gb)):
+            if not self.gpu_memory_gb > 0:
                 raise ConfigError(f"gpu_memory_gb must be a positive number, got {self.gpu_memory_gb}")
             if self.device == "cpu":
                 raise ConfigError("gpu_memory_gb limits a CUDA GPU; it cannot be used with --device cpu")
@@ -263,19 +253,4 @@ class TrialConfig:
         return self.batch_size * self.seq_len
 
 
-def technique_label(cfg: TrialConfig) -> str:
-    """The name a trial is known by, from its switches: baseline, bf16, bf16_flash, bf16_window16,
-    gradcp, bf16_flash_gradcp, sac, bf16_flash_fusedce, bf16_flash_compile, fp32, ... (TF32 is the
-    baseline precision and is left unsaid). Order: precision, attention, checkpointing, loss, compile."""
-    parts: list[str] = []
-    if cfg.precision != "tf32":
-        parts.append(cfg.precision)
-    if cfg.attention == "flash":
-        parts.append("flash")
-    elif cfg.attention == "window":
-        parts.append(f"window{cfg.window}")
-    parts.append(CHECKPOINTING_LABELS.get(cfg.checkpointing, f"gradcp-{cfg.checkpointing}"))
-    parts.append(LOSS_LABELS.get(cfg.loss, cfg.loss))
-    if cfg.compile:
-        parts.append("compile")
-    return "_".join(p for p in parts if p) or "baseline"
+__all__ = ["TrialConfig", "TECHNIQUES", "technique_label", "ATTENTIONS", "PRECISIONS", "KERNEL_CHOICES"]

@@ -15,39 +15,10 @@ from typing import Protocol
 
 import torch
 
+from .oom import is_oom_error  # noqa: F401 - re-exported: the trial's OOM classifier
+
 MIB = float(1 << 20)
 NOT_MEASURED = math.nan
-
-# Allocation failures that reach Python as a plain RuntimeError rather than torch.OutOfMemoryError:
-# "CUDA error: out of memory" (kernel launches, cudaMalloc outside the caching allocator),
-# "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)" and its cuDNN/cuSOLVER/cuSPARSE
-# siblings (a library workspace that no longer fits), cuFFT's own spelling, and the CPU allocator.
-_OOM_MARKERS = (
-    "out of memory",
-    "status_alloc_failed",
-    "cufft_alloc_failed",
-    "can't allocate memory",
-)
-
-
-def is_oom_error(exc: BaseException) -> bool:
-    """True when `exc` (or an exception it was explicitly raised from) is an allocation failure.
-
-    Only `__cause__` is followed (`raise X from oom`, as torch.compile does), not `__context__`: a
-    different error raised while handling an OOM is a bug, not a memory result.
-    """
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, torch.OutOfMemoryError):
-            return True
-        if isinstance(exc, RuntimeError):
-            message = str(exc).lower()
-            if any(marker in message for marker in _OOM_MARKERS):
-                return True
-        exc = exc.__cause__
-    return False
-
 
 class MemoryProbe(Protocol):
     def reset_peak(self) -> None: ...

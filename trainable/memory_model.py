@@ -110,8 +110,6 @@ KERNEL_MEMORY: dict[str, KernelMemory] = {
     # without a copy, its window peaks equal SDPA flash's to the MiB.
     "flex": KernelMemory(materialises_scores=False, output_copies=1, saves_logsumexp=True),
 }
-# Per-device exceptions, (kernel, device) -> KernelMemory; CPU SDPA matches CUDA (checked by the tests).
-DEVICE_KERNEL_OVERRIDES: dict[tuple[str, str], KernelMemory] = {}
 PRECISION_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2}
 
 
@@ -163,7 +161,7 @@ class MemorySpec:
 
     @property
     def kernel_memory(self) -> KernelMemory:
-        return DEVICE_KERNEL_OVERRIDES.get((self.kernel, self.device), KERNEL_MEMORY[self.kernel])
+        return KERNEL_MEMORY[self.kernel]
 
     def with_batch_size(self, batch_size: int) -> "MemorySpec":
         return dataclasses.replace(self, batch_size=batch_size)
@@ -456,9 +454,9 @@ def resolve_kernel(attention: str, precision: str, device: str, requested: str =
     """The kernel `trainable.attention.select_kernel` would run for these switches on `device`."""
     if requested and requested != "auto":
         return requested
-    from .attention import select_kernel
+    from .kernels import select_kernel_name
 
-    return select_kernel(attention, precision, device, requested="auto").name
+    return select_kernel_name(attention, precision, device, requested="auto")
 
 
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(MemorySpec)}
@@ -496,18 +494,8 @@ def to_spec(cfg: Any = None, **overrides: Any) -> MemorySpec:
     return MemorySpec(**{k: v for k, v in values.items() if k in _SPEC_FIELDS})
 
 
-def format_breakdown(bd: MemoryBreakdown) -> str:
-    """One line per term, for logs and the CLI."""
-    lines = [f"{name:>26}: {getattr(bd, name):10.1f} MiB" for name in (
-        "params_mib", "grads_mib", "optimizer_states_mib", "activations_mib", "embedding_mib",
-        "loss_head_mib", "autocast_copies_mib", "transient_mib", "overhead_mib")]
-    lines.append(f"{'peak (' + bd.phase + ')':>26}: {bd.peak_mib:10.1f} MiB")
-    lines.append(f"{'reserved / +context':>26}: {bd.reserved_mib:10.1f} / {bd.reserved_mib + bd.context_mib:.1f} MiB")
-    return "\n".join(lines)
-
-
 __all__ = [
     "MemoryConstants", "DEFAULT_CONSTANTS", "MemorySpec", "MemoryBreakdown", "KernelMemory", "KERNEL_MEMORY",
     "LOSS_HEADS", "predict_peak_memory", "predict_max_batch_size", "calibrate", "to_spec", "num_params",
-    "layer_memory", "format_breakdown",
+    "layer_memory",
 ]

@@ -95,11 +95,6 @@ class GPT(nn.Module):
         """The LM head's (V, d) weight: tied to the input embedding."""
         return self.wte.weight
 
-    def set_attention(self, attend: Attend) -> None:
-        """Swap the attention kernel of every layer (weights untouched)."""
-        for block in self.blocks:
-            block.attn.attend = attend
-
     def forward(self, idx: Tensor) -> Tensor:
         """Token ids (B, T) -> final hidden states (B, T, d); the loss applies the LM head."""
         T = idx.size(1)

@@ -22,7 +22,7 @@ GAUGES: dict[str, tuple[str, str]] = {
     "memeff_tokens_per_s": ("tokens_per_s", "training throughput of the step (tokens/s)"),
     "memeff_mfu": ("mfu", "model FLOPs utilisation of the step (0-1)"),
 }
-TAG_KEYS = ("trial", "technique", "batch_size")
+TAG_KEYS = ("trial", "label", "batch_size")
 
 
 def _ray_initialized() -> bool:
@@ -31,8 +31,8 @@ def _ray_initialized() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def _trial_name(metrics: dict[str, Any]) -> str:
-    """Tune's trial name when running under Tune, else `<technique>_bs<batch size>`."""
+def _trial_name(label: str, batch_size: int) -> str:
+    """Tune's trial name when running under Tune, else `<label>_bs<batch size>`."""
     try:
         from ray import tune
 
@@ -41,13 +41,14 @@ def _trial_name(metrics: dict[str, Any]) -> str:
             name = tune.get_context().get_trial_name()
     except Exception:  # noqa: BLE001 - outside a Tune session there is no trial name
         name = None
-    return name or f"{metrics.get('technique')}_bs{metrics.get('batch_size')}"
+    return name or f"{label}_bs{batch_size}"
 
 
 class RayMetricsExporter:
     """Sets one Ray Gauge per exported key on every report; keeps the last values it exported."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str = "", batch_size: int = 0) -> None:
+        self.label, self.batch_size = label, batch_size
         self.enabled: bool | None = None  # decided on the first report
         self.gauges: dict[str, Any] = {}  # metric name -> ray.util.metrics.Gauge
         self.tags: dict[str, str] = {}
@@ -60,8 +61,8 @@ class RayMetricsExporter:
             return
         from ray.util.metrics import Gauge
 
-        self.tags = {"trial": _trial_name(metrics), "technique": str(metrics.get("technique")),
-                     "batch_size": str(metrics.get("batch_size"))}
+        label = self.label or str(metrics.get("label"))
+        self.tags = {"trial": _trial_name(label, self.batch_size), "label": label, "batch_size": str(self.batch_size)}
         self.gauges = {name: Gauge(name, description, tag_keys=TAG_KEYS).set_default_tags(self.tags)
                        for name, (_, description) in GAUGES.items()}
 

@@ -1,0 +1,39 @@
+"""What an experiment directory holds beyond Tune's own files, and how its trials are named.
+
+An experiment is a Ray Tune experiment directory `STORAGE/NAME/` written by `sweep`:
+
+* one directory per trial (Tune's `params.json`, `result.json` with one JSON line per report, `error.txt`
+  when it failed, `checkpoint_*`), named `trial_name(...)`;
+* `experiment_state-*.json`: Tune's state (each trial's id, status, directory and config);
+* `GRID_FILE`: the validated grid, so `--resume` rebuilds the exact param space after the driver died;
+* `MAX_BATCH_FILE`: the records of a max-batch search (`MAX_BATCH_RECORD_KEYS`);
+* `PREDICTIONS_FILE`: the memory model's predicted peaks for the trials, and for the seed grid on named GPUs.
+
+The sweep adds two keys to each trial's Tune config, stripped before the config reaches the trial (a trial
+knows nothing of the grid it is in): `GRID_KEY`, the trial's name, and `KIND_KEY`, `train` or `probe` (a
+short run of the max-batch search). Names are for people and directories: nothing parses them back.
+"""
+from __future__ import annotations
+
+GRID_FILE = "sweep_grid.json"
+MAX_BATCH_FILE = "max_batch.json"
+PREDICTIONS_FILE = "predictions.json"
+GRID_KEY = "trial_name"
+KIND_KEY = "trial_kind"
+TRIAL_KINDS = ("train", "probe")
+SWEEP_KEYS = (GRID_KEY, KIND_KEY)  # in a trial's Tune config, not in its TrialConfig
+
+# One record per searched technique in MAX_BATCH_FILE.
+MAX_BATCH_RECORD_KEYS = (
+    "label", "technique", "window", "max_batch_size", "peak_mem_mib", "probes", "rounds", "wall_time_s",
+    "gpu_memory_gb", "status", "error", "hit_upper_bound", "granularity", "parallelism", "probe_steps",
+    "start", "max_bound", "device", "seq_len", "outcomes", "seeded", "predicted_max_batch", "predicted_budget_mib",
+    "unseeded_probes", "unseeded_rounds",
+)
+
+
+def trial_name(label: str, batch_size: int, kind: str = "train") -> str:
+    """`bf16_flash_bs64`; a max-batch probe is `probe_bf16_flash_bs37`."""
+    if kind not in TRIAL_KINDS:
+        raise ValueError(f"unknown trial kind {kind!r}; choose from {', '.join(TRIAL_KINDS)}")
+    return f"{'probe_' if kind == 'probe' else ''}{label}_bs{batch_size}"

@@ -1,0 +1,238 @@
+"""Planning a sweep: the grid, its hardware, its data and where its results go, validated once, without Ray.
+
+`plan_sweep(cfg, gpus)` builds the grid a `SweepConfig` asks for (each point validated by `TrialConfig`),
+decides whether it needs GPUs, resolves the dataset (the shipped sample when none is given) and the
+experiment's storage and name; `plan_resume(cfg)` rebuilds the plan of an interrupted sweep from the grid
+it saved. `check_data(plan)` then checks the dataset against the grid (every shard hashed, once, before any
+trial). Every problem is one `SweepError` line.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from contract.experiment import GRID_FILE
+from contract.io import is_uri, read_text
+from trainable.dataset_check import check_fits, open_checked
+from trainable.errors import ConfigError
+
+from .config import SweepConfig, check_name
+from .errors import SweepError
+from .grid import PRESETS, build_grid, grid_axes, grid_names
+from .tuning import default_name, experiment_path, resolve_storage
+
+# The shipped sample is prepared on first use with a vocabulary that suits its size. It is small (a few
+# hundred rows of 256 tokens), so a GPU grid on it uses shorter rows and a step budget (several passes)
+# unless the flags say otherwise; --data DIR is for real measurements.
+SAMPLE_VOCAB = {"gpu": 2048, "cpu": 1024}
+SAMPLE_GPU_OVERRIDES = {"seq_len": 256, "max_steps": 100, "warmup_steps": 10}
+BUDGET_KEYS = ("epochs", "max_steps", "max_tokens")
+# Fault tolerance: a trial snapshots its full state every CHECKPOINT_MINUTES in the background (it costs
+# the training loop a copy to host memory) and a failed trial restarts from the latest one, up to
+# MAX_FAILURES times. Max-batch probes never checkpoint and are never retried (an OOM is the answer).
+CHECKPOINT_MINUTES = 5.0
+MAX_FAILURES = 2
+
+
+@dataclass
+class SweepPlan:
+    """A validated sweep: the grid, whether it needs GPUs, where data and results go."""
+
+    cfg: SweepConfig
+    preset_name: str  # seed | seed-report | cpu | custom
+    grid: list[dict[str, Any]]
+    use_gpu: bool
+    data_dir: str
+    storage: str
+    name: str
+    sample: tuple[str, int, int] | None = None  # (dir, vocab, seq_len) still to prepare
+    notice: str | None = None
+    vocab_size: int | None = None  # what the preset's model needs of the dataset
+
+    @property
+    def path(self) -> str:
+        return experiment_path(self.storage, self.name)
+
+    @property
+    def names(self) -> list[str]:
+        return grid_names(self.grid)
+
+
+def _trial_overrides(cfg: SweepConfig, preset_overrides: dict[str, Any], use_gpu: bool) -> dict[str, Any]:
+    overrides = {**preset_overrides, **cfg.overrides, "device": "cuda" if use_gpu else "cpu"}
+    if cfg.device == "auto" and use_gpu:
+        overrides["device"] = "auto"
+    if cfg.gpu_memory_gb is not None:
+        overrides["gpu_memory_gb"] = cfg.gpu_memory_gb
+    if not cfg.find_max_batch:
+        overrides.setdefault("checkpoint_minutes",
+                             CHECKPOINT_MINUTES if cfg.checkpoint_minutes is None else cfg.checkpoint_minutes)
+        if cfg.checkpoint_interval is not None:
+            overrides.setdefault("checkpoint_interval", cfg.checkpoint_interval)
+            if cfg.checkpoint_minutes is None:  # steps were asked for: by steps only
+                overrides["checkpoint_minutes"] = 0.0
+    return overrides
+
+
+def _sample(cfg: SweepConfig, overrides: dict[str, Any], use_gpu: bool, preset_name: str) -> tuple:
+    """(data_dir, sample to prepare or None, notice): the shipped sample when no --data is given."""
+    if cfg.data_dir is not None:
+        return str(Path(cfg.data_dir).expanduser().resolve()), None, None
+    notice = None
+    if use_gpu:
+        for key, value in SAMPLE_GPU_OVERRIDES.items():
+            if key in cfg.overrides or (key == "max_steps" and any(k in cfg.overrides for k in BUDGET_KEYS)):
+                continue
+            overrides[key] = value
+        notice = (f"notice: no --data: the {preset_name} grid runs on the small shipped Polish sample "
+                  f"(seq_len {overrides.get('seq_len')}"
+                  f"{', %s steps' % overrides['max_steps'] if overrides.get('max_steps') else ''}); "
+                  "pass --data DIR (python -m data_prep) for a real measurement")
+    seq_len = int(overrides.get("seq_len", 512))
+    vocab = SAMPLE_VOCAB["gpu" if use_gpu else "cpu"]
+    data_dir = str(Path("prepared").resolve() / f"sample-bpe{vocab}-s{seq_len}")
+    missing = not (Path(data_dir) / "manifest.json").is_file()
+    return data_dir, (data_dir, vocab, seq_len) if missing else None, notice
+
+
+def _needs_gpu(cfg: SweepConfig, preset_name: str, gpus: int | None) -> bool:
+    if cfg.device != "auto":
+        return cfg.device == "cuda"
+    if preset_name == "custom":
+        return gpus != 0
+    return PRESETS[preset_name].needs_gpu
+
+
+def require_gpus(plan: SweepPlan, gpus: int | None, address: str | None) -> None:
+    if plan.use_gpu and gpus == 0:
+        where = f"at {address}" if address else "(local instance)"
+        raise SweepError(f"the {plan.preset_name} grid needs GPUs (one per trial) but the Ray cluster {where} "
+                         "has none: use --device cpu for a CPU grid, or --address of a GPU cluster")
+
+
+def plan_sweep(cfg: SweepConfig, gpus: int | None = None) -> SweepPlan:
+    """Validate the whole sweep without Ray; `gpus` = the cluster's GPUs when known (None: not yet)."""
+    cfg.validate()
+    if cfg.resume:
+        return plan_resume(cfg)
+    preset_name, preset, techniques, batch_sizes, windows, seq_lens = grid_axes(cfg, gpus)
+    use_gpu = _needs_gpu(cfg, preset_name, gpus)
+    overrides = _trial_overrides(cfg, preset.overrides, use_gpu)
+    data_dir, sample, notice = _sample(cfg, overrides, use_gpu, preset_name)
+    overrides["data_dir"] = data_dir
+    grid = build_grid(techniques, (1,) if cfg.find_max_batch else batch_sizes, windows, seq_lens=seq_lens,
+                      tokens_per_batch=None if cfg.find_max_batch else cfg.tokens_per_batch,
+                      overrides=overrides, only=cfg.only, skip=cfg.skip)
+    if preset_name == "cpu" and cfg.preset is None:
+        notice = f"notice: no GPU in the Ray cluster: running {describe_grid(grid, 'the CPU grid')}; " \
+                 "use --preset seed on a GPU machine for the real sweep"
+    elif preset_name == "custom" and not use_gpu and cfg.techniques is None:
+        notice = f"notice: no GPU: the grid uses the techniques a CPU runs ({', '.join(techniques)})"
+    storage = resolve_storage(cfg.storage_path)
+    name = cfg.name or default_name("max-batch" if cfg.find_max_batch else preset_name)
+    check_name(name)
+    plan = SweepPlan(cfg=cfg, preset_name=preset_name, grid=grid, use_gpu=use_gpu, data_dir=data_dir,
+                     storage=storage, name=name, sample=sample, notice=notice, vocab_size=preset.vocab_size)
+    require_gpus(plan, gpus, cfg.address)
+    check_fresh(plan.path)
+    return plan
+
+
+def describe_grid(grid: list[dict[str, Any]], what: str) -> str:
+    """What will actually run, from the grid itself: trials, model, budget."""
+    p = grid[0]
+    budget = [f"{p[k]} {k.removeprefix('max_').replace('_', ' ')}" for k in BUDGET_KEYS if p.get(k)] or ["1 epoch"]
+    return (f"{what}: {len(grid)} trials, {p['n_layers']} layers x d_model {p['d_model']}, seq_len {p['seq_len']}, "
+            f"{' / '.join(budget)} each")
+
+
+def check_fresh(path: str) -> None:
+    """A new experiment never lands on an old one (local paths and storage URIs alike)."""
+    if _experiment_exists(path):
+        raise SweepError(f"{path} already exists: pass --resume to continue it, or choose another --name")
+
+
+def _experiment_exists(path: str) -> bool:
+    if not is_uri(path):
+        return Path(path).exists()
+    import pyarrow.fs
+
+    try:
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+    except (OSError, ValueError) as exc:
+        raise SweepError(f"--storage-path {path}: cannot reach it ({str(exc).splitlines()[0][:160]})") from None
+
+
+def latest_experiment(storage: str) -> str | None:
+    """Name of the most recently written Tune experiment under a local storage path."""
+    if is_uri(storage) or not Path(storage).is_dir():
+        return None
+    runs = [p for p in Path(storage).iterdir() if p.is_dir() and any(p.glob("experiment_state-*.json"))]
+    return max(runs, key=lambda p: p.stat().st_mtime).name if runs else None
+
+
+def read_saved_grid(path: str) -> dict[str, Any]:
+    """The grid a sweep saved at its start; SweepError when it is missing or damaged."""
+    grid_file = f"{path}/{GRID_FILE}"
+    try:
+        text = read_text(grid_file)
+        saved = json.loads(text) if text is not None else None
+    except (ValueError, OSError) as exc:
+        raise SweepError(f"--resume: {grid_file} is damaged ({type(exc).__name__}): the sweep cannot be rebuilt "
+                         "from it") from None
+    if text is None:
+        raise SweepError(f"--resume: {grid_file} is missing: {path} was not written by python -m sweep.run")
+    grid = saved.get("grid") if isinstance(saved, dict) else None
+    if not isinstance(grid, list) or not grid or not all(isinstance(p, dict) for p in grid):
+        raise SweepError(f"--resume: {grid_file} holds no grid: the sweep cannot be rebuilt from it")
+    try:
+        return {**saved, "grid": [_validated(p) for p in grid]}
+    except SweepError as exc:
+        raise SweepError(f"--resume: {grid_file}: {exc}") from None
+
+
+def _validated(point: dict[str, Any]) -> dict[str, Any]:
+    from trainable.config import TrialConfig
+
+    try:
+        return TrialConfig.from_dict(point).to_dict()
+    except (ConfigError, TypeError) as exc:
+        raise SweepError(f"a trial config is invalid ({exc})") from None
+
+
+def plan_resume(cfg: SweepConfig) -> SweepPlan:
+    """The plan of an interrupted sweep, from the grid it saved (so the param space is the same)."""
+    storage = resolve_storage(cfg.storage_path)
+    name = cfg.name or latest_experiment(storage)
+    if name is None:
+        raise SweepError(f"--resume: no experiment under {storage} (pass --name of the one to resume)")
+    path = experiment_path(storage, name)
+    if not is_uri(path) and not any(Path(path).glob("experiment_state-*.json")):
+        raise SweepError(f"--resume: {path} is not a Tune experiment directory")
+    saved = read_saved_grid(path)
+    grid = saved["grid"]
+    return SweepPlan(cfg=cfg, preset_name=str(saved.get("preset", "custom")), grid=grid,
+                     use_gpu=bool(saved.get("use_gpu")), data_dir=grid[0]["data_dir"], storage=storage, name=name)
+
+
+def check_data(plan: SweepPlan, verify: str = "full") -> None:
+    """The dataset exists, is intact and fits every grid point; "full" hashes every shard once, in the driver
+    (trials only compare sizes, which a flipped byte passes)."""
+    if not Path(plan.data_dir).is_dir():
+        raise SweepError(f"--data {plan.data_dir}: no such directory (prepare one with python -m data_prep)")
+    try:
+        dataset = open_checked(plan.data_dir, verify=verify)
+    except ConfigError as exc:
+        raise SweepError(f"--data {plan.data_dir}: {str(exc).removeprefix(f'data_dir {plan.data_dir}: ')}") from None
+    points = [{**p, "batch_size": 1} for p in plan.grid] if plan.cfg.find_max_batch else plan.grid
+    try:
+        check_fits(dataset, points, f"--data {plan.data_dir}")
+    except ConfigError as exc:
+        raise SweepError(str(exc)) from None
+    if plan.vocab_size is not None and dataset.vocab_size != plan.vocab_size:
+        raise SweepError(f"the {plan.preset_name} preset's model has a {plan.vocab_size:,}-token vocabulary, but "
+                         f"--data {plan.data_dir} has {dataset.vocab_size:,}: prepare one with "
+                         "`python -m data_prep prepare --tokenizer gpt2` (or a --vocab-size 50257 BPE)")
