@@ -79,6 +79,33 @@ _KEYS = (
     Key("oom_mem_peak_mib", "oom", "peak allocated memory of the failing phase, up to the failure"),
 )
 
+# Where the memory goes: the peak step's allocated memory split into components, measured by the trial (an
+# allocator snapshot at its peak, each live block attributed by what allocated it) and predicted by the memory
+# model for the same config. Reported once, in the final report; the components sum to the peak.
+MEMORY_COMPONENTS: dict[str, str] = {
+    "params": "the model's parameters (fp32 master weights)",
+    "grads": "parameter gradients",
+    "optimizer": "AdamW's exp_avg and exp_avg_sq",
+    "act_attention": "activations saved by attention: q, k, v, scores/probabilities or logsumexp, its output",
+    "act_mlp": "activations saved by the MLPs: their inputs, the GELU input and output",
+    "act_norm": "activations saved by LayerNorms: inputs, mean, rstd",
+    "act_residual": "the residual stream and embedding outputs kept for backward",
+    "logits_loss": "the LM head and loss: logits, log-probabilities, their gradients, loss temporaries",
+    "weight_copies": "bf16 copies of weights autocast keeps for backward",
+    "other": "everything else live at the peak: workspaces, temporaries not attributed above",
+}
+_BREAKDOWN = tuple(
+    Key(f"{side}_{name}_mib", "final", f"{'measured' if side == 'measured' else 'predicted'} at the peak: {meaning}")
+    for side in ("measured", "predicted") for name, meaning in MEMORY_COMPONENTS.items()
+) + (
+    Key("measured_slack_mib", "final", "allocator slack at the peak: reserved minus allocated"),
+    Key("predicted_slack_mib", "final", "the memory model's reserved minus its allocated peak"),
+    Key("breakdown_peak_mib", "final", "the allocated peak the measured components sum to"),
+    Key("breakdown_phase", "final", "the phase of the step the peak fell in: forward, backward or optimizer"),
+)
+_KEYS = _KEYS + _BREAKDOWN
+BREAKDOWN_KEYS = tuple(k.name for k in _BREAKDOWN)
+
 REPORT_KEYS: dict[str, Key] = {k.name: k for k in _KEYS}
 # Final statuses a trial reports, then the ones analysis derives: error (an exception), incomplete (no final report).
 TRIAL_STATUSES = ("ok", "oom", "nan")
