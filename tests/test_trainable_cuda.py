@@ -123,8 +123,7 @@ def test_real_oom_under_memory_cap_ends_the_trial_as_oom(sample_dataset):
     before = torch.cuda.memory_allocated()
     reports, final = run(cfg)
     assert final["oom"] is True and final["status"] == "oom" and final["final"] is True
-    assert final["oom_phase"] in ("forward", "backward") and final["batch_size"] == 512
-    assert final["gpu_memory_limit_gb"] == 1.0 and final["mem_reserved_mib"] > 0
+    assert final["oom_phase"] in ("forward", "backward") and final["mem_reserved_mib"] > 0
     # the failed trial's tensors (model, grads, AdamW state: ~50 MiB here) were freed
     assert torch.cuda.memory_allocated() - before < 8 * 2**20
     # the cap is lifted afterwards: the same trial without it completes
@@ -170,7 +169,7 @@ COMPILE_CASES = [
 def test_compile_matches_eager_and_reports_compile_time_apart(sample_dataset, switches):
     compiled_reports, compiled = run(trial(sample_dataset, max_steps=6, **switches))
     eager_reports, eager = run(trial(sample_dataset, max_steps=6, **{**switches, "compile": False}))
-    assert compiled["status"] == eager["status"] == "ok" and compiled["technique"].endswith("_compile")
+    assert compiled["status"] == eager["status"] == "ok" and compiled["label"].endswith("_compile")
     assert [r["loss"] for r in compiled_reports] == pytest.approx([r["loss"] for r in eager_reports], rel=2e-2)
     assert compiled_reports[0]["compiling"] is True and compiled_reports[0]["warmup"] is True
     assert not any(r["compiling"] for r in compiled_reports[2:])
@@ -193,7 +192,7 @@ def test_selective_checkpointing_memory_lies_between_none_and_full(sample_datase
     _, sac = run(trial(sample_dataset, technique="bf16", checkpointing="selective", batch_size=128))
     _, full = run(trial(sample_dataset, technique="bf16_gradcp", batch_size=128))
     assert full["mem_fwd_peak_mib"] < sac["mem_fwd_peak_mib"] < plain["mem_fwd_peak_mib"]
-    assert sac["loss"] == pytest.approx(plain["loss"], rel=1e-3) and sac["technique"] == "bf16_sac"
+    assert sac["loss"] == pytest.approx(plain["loss"], rel=1e-3) and sac["label"] == "bf16_sac"
 
 
 def test_selective_checkpointing_with_eager_flex_window(sample_dataset):
@@ -201,7 +200,7 @@ def test_selective_checkpointing_with_eager_flex_window(sample_dataset):
     torch._dynamo.reset()  # so that this trial compiles flex itself (and says so) rather than reusing a cache
     reports, final = run(trial(sample_dataset, technique="window", window=16, checkpointing="selective"))
     ref_reports, _ = run(trial(sample_dataset, technique="window", window=16))
-    assert final["status"] == "ok" and final["technique"] == "bf16_window16_sac"
+    assert final["status"] == "ok" and final["label"] == "bf16_window16_sac"
     assert [r["loss"] for r in reports] == pytest.approx([r["loss"] for r in ref_reports], rel=2e-2)
     if final["attention_kernel"] == "flex":  # the compiled flex kernel ran (no silent unfused fallback)
         assert reports[0]["compiling"] is True, "flex was not compiled inside the SAC region: use window_compile"
@@ -220,7 +219,7 @@ def test_fused_ce_lowers_the_peak_at_a_large_vocab(tmp_path):
     # 256 x 128 = 32768 tokens: four 8192-token chunks instead of 32768 x 50257 logits at once
     _, standard = run(trial(data, technique="flash", seq_len=128, batch_size=256, max_steps=3))
     _, fused = run(trial(data, technique="fused_ce", seq_len=128, batch_size=256, max_steps=3))
-    assert fused["technique"] == "bf16_flash_fusedce" and fused["loss"] == pytest.approx(standard["loss"], rel=2e-2)
+    assert fused["label"] == "bf16_flash_fusedce" and fused["loss"] == pytest.approx(standard["loss"], rel=2e-2)
     assert fused["mem_step_peak_mib"] < 0.8 * standard["mem_step_peak_mib"]
 
 
