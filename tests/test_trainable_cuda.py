@@ -243,8 +243,8 @@ def test_training_steps_never_wait_for_the_gpu_beyond_the_reported_step(sample_d
         if metrics["step"] == steps - 1:  # the last step evaluates, which synchronises by design
             torch.cuda.set_sync_debug_mode("default")
 
-    try:
-        final = run_trial(trial(sample_dataset, max_steps=steps, **switches), report)
+    try:  # reports inline, so the debug mode switches exactly between the steps named above
+        final = run_trial(trial(sample_dataset, max_steps=steps, **switches), report, background_reports=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert final["status"] == "ok" and seen == list(range(1, steps + 1))
