@@ -9,7 +9,8 @@ Reports carry what the trial measured and what it resolved at run time (the kern
 * `fact`: every report; what the trial resolved once (the label, the kernel, the GPU);
 * `eval`: reports of steps that evaluated (every `eval_interval` steps, and the last);
 * `final`: the last report of a trial (its status and totals);
-* `oom`: the last report of a trial that ran out of memory.
+* `oom`: the last report of a trial that ran out of memory;
+* `scout`: the one report of a max-batch search's scout probe (sweep/probe.py).
 Memory keys are NaN on CPU ("not measured"), never 0.
 """
 from __future__ import annotations
@@ -73,10 +74,32 @@ _KEYS = (
     Key("report_time_s", "final", "wall time spent handing reports (and checkpoints) to Tune"),
     Key("checkpoint_time_s", "final", "wall time the training loop waited for checkpoints (snapshots to host)"),
     Key("setup_time_s", "final", "wall time from entering the trial to its first step: data, model, compile set-up"),
+    # where a trial's start goes: unix times (time.time(), s) of its start-up milestones, for timelines across
+    # trials of a node (bench/bench_startup.py); a trial reused in a process (Tune's reuse_actors) imported nothing
+    Key("process_start_time", "final", "unix time the process that trained started (a reused one: long before)"),
+    Key("imports_done_time", "final", "unix time torch and the training code were imported in that process"),
+    Key("trial_start_time", "final", "unix time the trial was entered (run_trial)"),
+    Key("data_ready_time", "final", "unix time the dataset was opened and checked, the device and kernel resolved"),
+    Key("cuda_ready_time", "final", "unix time the CUDA context was ready (NaN on CPU)"),
+    Key("model_ready_time", "final", "unix time the model, optimizer (and a resumed state) were on the device"),
+    Key("first_step_start_time", "final", "unix time the trial's first step was queued"),
+    Key("first_step_end_time", "final", "unix time the trial's first step had finished on the device"),
+    Key("trial_end_time", "final", "unix time the final report was made"),
+    Key("process_trials_before", "final", "trials this process ran before this one (0: a fresh process; more: "
+                                          "reused, its state reset to a fresh process's first)"),
+    Key("process_id", "final", "the OS pid of the process that trained (Tune's `pid` is its worker's; a max-batch "
+                               "probe trains in a child of it)"),
+    Key("gpu_uuid", "final", "the UUID of the GPU the trial ran on (None on CPU): trials on one GPU share it"),
     # -- the last report of an OOM trial --
     Key("oom_phase", "oom", "where memory ran out: setup, forward, backward, optimizer or eval"),
     Key("oom_message", "oom", "the first line of the allocator's error"),
     Key("oom_mem_peak_mib", "oom", "peak allocated memory of the failing phase, up to the failure"),
+    # -- the one report of a max-batch scout (a probe that searches in one process; the search confirms its
+    #    answer with fresh-process probes): its best sub-probe's final report plus these --
+    Key("scout_max_batch", "scout", "the largest batch the scout found to fit in its process (0: none; None: "
+                                    "the scout stopped on an error)"),
+    Key("scout_outcomes", "scout", "the scout's sub-probes in order: [batch size, fits|oom|error, peak MiB]"),
+    Key("scout_error", "scout", "why the scout stopped early (None when it found an answer)"),
 )
 
 # Where the memory goes: the peak step's allocated memory split into components, measured by the trial (an

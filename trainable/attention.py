@@ -154,6 +154,14 @@ def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, window: int | None = 
         return flex_attention(q, k, v, block_mask=block_mask)
 
 
+def clear_caches() -> None:
+    """Forget every cached mask and compiled kernel (device tensors among them), so the next trial in this
+    process starts from what a fresh process has: nothing (`setup.reset_process`)."""
+    sliding_window_causal_mask.cache_clear()
+    _FLEX_BLOCK_MASKS.clear()
+    _compiled_flex.cache_clear()
+
+
 @dataclass(frozen=True)
 class AttentionKernel:
     """One entry of the registry: the kernel's requirements (`kernels.KernelSpec`) plus its function."""

@@ -24,6 +24,7 @@ import torch
 
 from contract.io import atomic_write
 
+from .config import TrialConfig
 from .errors import ConfigError
 
 Report = Callable[[dict[str, Any]], None]
@@ -88,6 +89,25 @@ def read_checkpoint(directory: Path) -> dict:
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
         raise CheckpointError(f"checkpoint {path} holds more than tensors and plain data; refusing to load it "
                               f"({str(exc).strip().splitlines()[0][:120]})") from None
+
+
+# Config keys that may differ between a checkpoint and the run resuming it (they do not change the math).
+RESUME_MAY_DIFFER = ("data_dir", "device", "gpu_memory_gb", "checkpoint_interval", "checkpoint_minutes",
+                     "eval_interval", "peak_flops")
+
+
+def check_resumable(saved: dict[str, Any], cfg: TrialConfig) -> None:
+    """ConfigError unless the checkpoint's config is `cfg`'s, up to RESUME_MAY_DIFFER; switches a checkpoint
+    predates (e.g. `compile`) count as their defaults."""
+    try:
+        saved = TrialConfig.from_dict(dict(saved)).to_dict()
+    except ConfigError:  # written by another version: compare what is there
+        saved = dict(saved)
+    current = cfg.to_dict()
+    differs = [k for k in current if k not in RESUME_MAY_DIFFER and saved.get(k) != current[k]]
+    if differs:
+        raise ConfigError(f"the checkpoint to resume was written by a different configuration "
+                          f"(differs in: {', '.join(differs)})")
 
 
 class DirectoryCheckpointIO:

@@ -10,8 +10,9 @@ an average over trials cannot mistake "unknown" for "free"; time is host wall-cl
 from __future__ import annotations
 
 import math
+import os
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -117,3 +118,58 @@ def gpu_facts(device: torch.device) -> dict:
         return {"gpu_name": None, "gpu_total_mib": NOT_MEASURED}
     props = torch.cuda.get_device_properties(device)
     return {"gpu_name": props.name, "gpu_total_mib": props.total_memory / MIB}
+
+
+# -- where a trial's start goes ----------------------------------------------------------------------
+TIMELINE_KEYS = ("process_start_time", "imports_done_time", "trial_start_time", "data_ready_time", "cuda_ready_time",
+                 "model_ready_time", "first_step_start_time", "first_step_end_time", "trial_end_time")
+
+
+def process_start_time() -> float:
+    """Unix time this process started: /proc/self/stat on Linux, else psutil; NaN when neither says."""
+    try:
+        with open("/proc/self/stat") as f:
+            after_name = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - unknown is NaN, never a guess
+        return NOT_MEASURED
+
+
+class Timeline:
+    """Unix times of one trial's start-up milestones (`TIMELINE_KEYS`), reported once, in its final report.
+
+    Unix rather than monotonic time, so milestones of different processes on one node (one trial's end, the
+    next one's first step) line up in one timeline.
+    """
+
+    def __init__(self, imports_done: float, trials_before: int, process_start: float):
+        self.times = dict.fromkeys(TIMELINE_KEYS, NOT_MEASURED)
+        self.times.update(process_start_time=process_start, imports_done_time=imports_done,
+                          trial_start_time=time.time())
+        self.trials_before = trials_before
+
+    def mark(self, key: str) -> None:
+        """Record `key` now, the first time only (a resumed or repeated milestone keeps its first time)."""
+        if math.isnan(self.times[key]):
+            self.times[key] = time.time()
+
+    def report(self, device: torch.device) -> dict[str, Any]:
+        self.mark("trial_end_time")
+        uuid = str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
+        return {**self.times, "process_trials_before": self.trials_before, "process_id": os.getpid(),
+                "gpu_uuid": uuid}
+
+
+def cuda_ready(device: torch.device) -> None:
+    """Create the CUDA context now (timed apart from the model build) without allocating through the caching
+    allocator, so the allocator's state at the first step is what it was without this call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -6,6 +6,7 @@ the same model on the same data with the same optimizer: `build_run(cfg)` is the
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import random
 from dataclasses import dataclass
@@ -134,6 +135,47 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(tuple(state["python"]) if not isinstance(state["python"], tuple) else state["python"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_rngs(seed: int) -> None:
+    """Every global RNG from the trial's seed: a trial's randomness never depends on what ran before it in the
+    process (nothing in a step draws from them today; a checkpoint's saved states replace these on resume)."""
+    torch.manual_seed(seed)  # CPU and every CUDA generator (lazily, before CUDA is initialised)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def reset_process(device: torch.device) -> None:
+    """Return a process that already ran a trial to a fresh process's state (Tune's reuse_actors, a max-batch
+    scout's sub-probes): so that what the next trial measures does not depend on what ran before it.
+
+    What a trial leaves behind: compiled graphs (dynamo's caches, also counted against its recompile limit),
+    cached attention masks and flex BlockMasks (device tensors), cuBLAS workspaces, cached allocator segments
+    (which would change where the next trial's blocks land, i.e. its fragmentation at the memory edge), the
+    allocator's peak statistics, a memory cap, pinned host buffers. Module imports, the CUDA context and loaded
+    kernels stay: they are what reuse saves. tests/test_reuse_cuda.py holds every technique's peaks here equal
+    to a fresh process's.
+    """
+    from .attention import clear_caches
+    from .compile_policy import release_compiled
+
+    release_compiled()
+    clear_caches()
+    if not torch.cuda.is_initialized():
+        return
+    gc.collect()  # tensors kept alive by reference cycles (an exception's frames) go before the cache is emptied
+    torch.cuda.synchronize()
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
+    torch.cuda.empty_cache()
+    host_empty_cache = getattr(torch._C, "_host_emptyCache", None)
+    if host_empty_cache is not None:
+        host_empty_cache()
+    index = device.index if device.type == "cuda" and device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(1.0, index)
+    torch.cuda.reset_peak_memory_stats(index)
+    torch.cuda.reset_accumulated_memory_stats(index)
 
 
 @dataclass

@@ -21,6 +21,8 @@
 * Resumable: every `checkpoint_interval` steps or `checkpoint_minutes` minutes the full state (model,
   optimizer, scheduler, data position, RNG) is saved with that step's report; a restarted trial
   continues at the next step and reproduces the uninterrupted run exactly.
+* Reusable: a process may run trial after trial (Tune's reuse_actors); each one after the first starts from
+  `setup.reset_process`, what a fresh process has. The final report says where the start went (`Timeline`).
 """
 from __future__ import annotations
 
@@ -33,23 +35,23 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .checkpoint_io import CheckpointIO, TuneCheckpointIO
+from .checkpoint_io import CheckpointIO, TuneCheckpointIO, check_resumable
 from .compile_policy import CompileWatch, build_forward_loss, release_compiled
 from .config import TrialConfig
-from .errors import ConfigError
 from .losses import LOSSES
-from .measure import NOT_MEASURED, is_oom_error, probes_for, to_host_async
+from .measure import NOT_MEASURED, Timeline, cuda_ready, is_oom_error, probes_for, process_start_time, to_host_async
 from .observe import RayMetricsExporter
 from .precision import tf32_matmuls
 from .reporter import AsyncReporter, Snapshotter
 from .reports import Position, oom_report, run_facts, step_report, totals
-from .setup import Run, build_optimizer, build_run, gpu_memory_limit, lr_multiplier, rng_state, set_rng_state
+from .setup import (Run, build_optimizer, build_run, gpu_memory_limit, lr_multiplier, reset_process, rng_state,
+                    seed_rngs, set_rng_state)
 
 Report = Callable[[dict[str, Any]], None]
+# This process: when it started and had imported torch and the training code, and how many trials it has run
+# (a Tune actor reused for the next trial, a max-batch scout's sub-probes: see `setup.reset_process`).
+_PROCESS = {"started": process_start_time(), "imported": time.time(), "trials": 0}
 STATE_FORMAT = 2
-# Config keys that may differ between a checkpoint and the run resuming it (they do not change the math).
-RESUME_MAY_DIFFER = ("data_dir", "device", "gpu_memory_gb", "checkpoint_interval", "checkpoint_minutes",
-                     "eval_interval", "peak_flops")
 
 
 @dataclass
@@ -73,8 +75,8 @@ class _OOM(Exception):
 
 class _Trial:
     def __init__(self, run: Run, reporter: AsyncReporter, snapshotter: Snapshotter,
-                 checkpoint_io: CheckpointIO | None, started: float):
-        self.run, self.cfg, self.device = run, run.cfg, run.device
+                 checkpoint_io: CheckpointIO | None, started: float, timeline: Timeline):
+        self.run, self.cfg, self.device, self.timeline = run, run.cfg, run.device, timeline
         self.reporter, self.snapshotter, self.checkpoint_io, self.started = reporter, snapshotter, checkpoint_io, started
         self.loss_fn = LOSSES[self.cfg.loss]
         self.compile_watch = CompileWatch()
@@ -106,6 +108,7 @@ class _Trial:
         self._free()
         metrics = oom_report(failure.step, failure.phase, failure.message, self.pos, self.facts, self.step_mem,
                              memory_now, self.reporter.report_time_s, self.setup_time_s)
+        metrics.update(self.timeline.report(self.device))
         self.reporter.submit(metrics)
         return metrics
 
@@ -121,6 +124,7 @@ class _Trial:
         state = self.checkpoint_io.load() if self.checkpoint_io is not None else None
         if state is not None:
             self._restore(state)
+        self.timeline.mark("model_ready_time")
 
     def _free(self) -> None:
         self.pending = None
@@ -136,6 +140,7 @@ class _Trial:
         self.current_step = self.first_step = self.pos.step + 1
         self._time_before, self._clock = self.pos.train_time_s, time.perf_counter()
         self.setup_time_s = self._clock - self.started
+        self.timeline.mark("first_step_start_time")
         for epoch, index, rows in self.run.batches(self.pos.epoch, self.pos.batch):
             self.phase, self.current_step = "forward", self.pos.step + 1
             inputs, targets = self._to_device(rows)
@@ -165,8 +170,7 @@ class _Trial:
             metrics.update(self._evaluate())
         self.pos.train_time_s = self._train_time_s()
         if is_last:
-            metrics = {**metrics, **totals(self.pos, self.facts, self.reporter.report_time_s, self.setup_time_s),
-                       "final": True, "status": "ok"}
+            metrics = {**metrics, **self._totals(), "final": True, "status": "ok"}
         if checkpoint_due:
             t0 = time.perf_counter()
             snapshot = self.snapshotter.take(self._state())
@@ -249,6 +253,8 @@ class _Trial:
         """The report of a queued step; reading the timer waits for that step only (and makes its loss valid)."""
         seconds = self.timer.seconds(record.span)
         now = time.perf_counter()
+        if record.step == self.first_step:
+            self.timeline.mark("first_step_end_time")
         tokens, pos = self.cfg.tokens_per_step, self.pos
         if record.compiling:
             pos.compile_time_s += seconds
@@ -266,9 +272,13 @@ class _Trial:
                               record.warmup, pos, self.facts)
         if not math.isfinite(loss):
             pos.train_time_s = self._train_time_s()
-            metrics.update(totals(pos, self.facts, self.reporter.report_time_s, self.setup_time_s),
-                           final=True, status="nan")
+            metrics.update(self._totals(), final=True, status="nan")
         return metrics
+
+    def _totals(self) -> dict[str, Any]:
+        """The final report's totals and the start-up timeline."""
+        return {**totals(self.pos, self.facts, self.reporter.report_time_s, self.setup_time_s),
+                **self.timeline.report(self.device)}
 
     def _flush_pending(self) -> dict[str, Any] | None:
         """Report the pending step; returns its metrics when they end the run (a non-finite loss)."""
@@ -317,11 +327,7 @@ class _Trial:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        saved, current = _normalised_config(state["config"]), self.cfg.to_dict()
-        differs = [k for k in current if k not in RESUME_MAY_DIFFER and saved.get(k) != current[k]]
-        if differs:
-            raise ConfigError(f"the checkpoint to resume was written by a different configuration "
-                              f"(differs in: {', '.join(differs)})")
+        check_resumable(state["config"], self.cfg)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -335,14 +341,6 @@ class _Trial:
                 "mem_reserved_mib": self.memory.reserved_mib()}
 
 
-def _normalised_config(saved: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's config with switches it predates (e.g. `compile`) filled in with their defaults."""
-    try:
-        return TrialConfig.from_dict(dict(saved)).to_dict()
-    except ConfigError:  # written by another version: compare what is there
-        return dict(saved)
-
-
 def run_trial(cfg: TrialConfig, report: Report, *, checkpoint_io: CheckpointIO | None = None,
               exporter: RayMetricsExporter | None = None, background_reports: bool = True) -> dict[str, Any]:
     """Train `cfg`, calling `report(metrics)` every step (from a background thread, in order); returns the
@@ -354,7 +352,16 @@ def run_trial(cfg: TrialConfig, report: Report, *, checkpoint_io: CheckpointIO |
     `background_reports=False` delivers each report on the training loop (a profiler stepping on reports).
     """
     started = time.perf_counter()
+    timeline = Timeline(_PROCESS["imported"], _PROCESS["trials"], _PROCESS["started"])
+    reused, _PROCESS["trials"] = _PROCESS["trials"] > 0, _PROCESS["trials"] + 1
     run = build_run(cfg)
+    if reused:
+        reset_process(run.device)
+    seed_rngs(cfg.seed)
+    timeline.mark("data_ready_time")
+    cuda_ready(run.device)
+    if run.device.type == "cuda":
+        timeline.mark("cuda_ready_time")
     exporter = exporter if exporter is not None else RayMetricsExporter(cfg.label, cfg.batch_size)
     snapshotter = Snapshotter(run.device)
     reporter = AsyncReporter(report, checkpoint_io, snapshotter, on_report=exporter.record,
@@ -363,7 +370,7 @@ def run_trial(cfg: TrialConfig, report: Report, *, checkpoint_io: CheckpointIO |
     try:
         with tf32_matmuls(run.precision.tf32_active(run.device.type)), \
                 gpu_memory_limit(cfg.gpu_memory_gb, run.device):
-            final = _Trial(run, reporter, snapshotter, checkpoint_io, started).train()
+            final = _Trial(run, reporter, snapshotter, checkpoint_io, started, timeline).train()
     except BaseException:
         try:
             reporter.close()  # deliver what was measured before the failure
