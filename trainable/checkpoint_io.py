@@ -1,9 +1,10 @@
 """Where resumable trial state goes: a directory, or Ray Tune; written whole or not at all, loaded without pickle.
 
-A checkpoint directory holds `STATE_FILE` (torch.save of tensors and plain Python data only) and
-`MANIFEST_FILE`, written last, naming the state file with its size and sha256. A reader trusts only a
-manifest whose file matches it, so a write killed at any moment never leaves a checkpoint that points at a
-partial file. States are loaded with `torch.load(weights_only=True)`: a checkpoint in shared storage that
+A checkpoint directory holds a state file (torch.save of tensors and plain Python data only) and
+`MANIFEST_FILE`, written last, naming the state file with its size and sha256. Each state gets a new file
+name (its step), the manifest is replaced atomically, and only then are older states deleted: a write killed
+at any moment leaves the manifest naming a whole state, the new one or the one before (never a file being
+written, never one whose rename outran its manifest). A reader trusts only a manifest whose file matches it. States are loaded with `torch.load(weights_only=True)`: a checkpoint in shared storage that
 holds anything but tensors and plain data (which could run code when unpickled) is refused.
 
 A checkpoint is reported together with the report of the step it belongs to, so the metrics history and
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import pickle
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -28,7 +30,11 @@ from .config import TrialConfig
 from .errors import ConfigError
 
 Report = Callable[[dict[str, Any]], None]
-STATE_FILE = "trial_state.pt"
+STATE_PREFIX = "trial_state"  # + .<step>.pt
+# Test hook: `MARKER_DIR;MOMENT:STEP[,MOMENT:STEP...]` SIGKILLs the writing process at MOMENT of step STEP's
+# checkpoint, once (a marker file in MARKER_DIR says it happened), so a restarted trial gets past it.
+KILL_ENV = "TRAINABLE_CHECKPOINT_KILL_AT"
+KILL_MOMENTS = ("state-bytes", "state-renamed", "manifest-renamed")
 MANIFEST_FILE = "checkpoint.json"
 FORMAT = 2
 
@@ -53,20 +59,80 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _Hashing:
+    """A write-only file that hashes what goes through it (no second read of a large state)."""
+
+    def __init__(self, f, on_write: Callable[[], None] | None = None):
+        self.f, self.digest, self.num_bytes, self.on_write = f, hashlib.sha256(), 0, on_write
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.num_bytes += len(data)
+        written = self.f.write(data)
+        if self.on_write is not None and self.num_bytes > 1 << 16:  # part of the state is on disk
+            self.on_write, on_write = None, self.on_write
+            self.f.flush()
+            on_write()
+        return written
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def write_checkpoint(state: dict, directory: Path) -> None:
-    """STATE_FILE, flushed to disk, then MANIFEST_FILE naming it with its checksum (both atomic renames)."""
+    """A new state file, flushed to disk; then MANIFEST_FILE naming it (an atomic rename); then the old states go."""
     directory.mkdir(parents=True, exist_ok=True)
+    step = state.get("position", {}).get("step")
+    name = f"{STATE_PREFIX}.{step if isinstance(step, int) else 'latest'}.pt"
+    written: dict[str, Any] = {}
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            out = _Hashing(f, lambda: _kill_point("state-bytes", step))
+            torch.save(state, out)
             f.flush()
             os.fsync(f.fileno())
+        written.update(num_bytes=out.num_bytes, sha256=out.digest.hexdigest())
 
-    path = atomic_write(directory / STATE_FILE, save)
-    manifest = {"format": FORMAT, "state_file": STATE_FILE, "num_bytes": path.stat().st_size,
-                "sha256": _sha256(path), "step": state.get("position", {}).get("step")}
+    atomic_write(directory / name, save)
+    _kill_point("state-renamed", step)
+    manifest = {"format": FORMAT, "state_file": name, **written, "step": step}
     atomic_write(directory / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps(manifest) + "\n"))
+    _fsync_directory(directory)
+    _kill_point("manifest-renamed", step)
+    for old in directory.glob(f"*{STATE_PREFIX}*"):  # older states and what killed writes left behind
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def _kill_point(moment: str, step: Any) -> None:
+    """SIGKILL this process here if KILL_ENV asks for this moment of this step and it has not happened yet."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    marker_dir, _, wanted = spec.partition(";")
+    if f"{moment}:{step}" not in wanted.split(","):
+        return
+    marker = Path(marker_dir) / f"killed-{moment}-{step}"
+    try:
+        marker.touch(exist_ok=False)
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """The renames themselves reach the disk (a power cut cannot bring an older manifest back)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_checkpoint(directory: Path) -> dict:

@@ -10,7 +10,7 @@ its step's report, then delivers the reports queued behind it. Order is kept, so
 belongs to the report of its step.
 
 Host buffers for the snapshot are pinned and reused (allocating pinned memory costs more than the copy),
-so a snapshot waits for the previous one only if that one is still being written.
+so a snapshot waits for the previous one only if that one is still being written (one in flight at most).
 """
 from __future__ import annotations
 
@@ -47,11 +47,13 @@ class Snapshotter:
         self._free.set()
 
     def take(self, state: dict) -> Snapshot:
-        """The snapshot of `state` (tensors copied asynchronously; everything else as it is)."""
+        """The snapshot of `state` (tensors copied asynchronously; everything else as it is). One snapshot is
+        in flight at a time: a checkpoint due while the previous one is still being written waits for it (on
+        CPU too, where each snapshot is a clone: they would otherwise pile up in host memory)."""
+        self._free.wait()  # the previous snapshot is still being written
+        self._free.clear()
         if self.device.type != "cuda":
             return Snapshot(self._copy(state, "", lambda t, _: t.detach().clone()), None)
-        self._free.wait()  # the previous snapshot's buffers are still being written
-        self._free.clear()
         copied = self._copy(state, "", self._to_pinned)
         event = torch.cuda.Event()
         event.record()
