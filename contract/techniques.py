@@ -1,6 +1,7 @@
 """The technique vocabulary: switches, their values, the named presets, and the label derived from them.
 
-A technique is a set of switches (`precision`, `attention`, `window`, `checkpointing`, `loss`, `compile`).
+A technique is a set of switches (`precision`, `attention`, `window`, `checkpointing`, `loss`, `compile`, and the
+two training choices of the LM head: `loss_precision`, `tie_embeddings`).
 The named techniques (`baseline`, `flash`, `window`, `gradcp`, ...) are presets over them. A trial's *label*
 (`bf16_window16`, `bf16_flash_sac_fusedce_compile`) is derived from the switches, never stored apart from
 them, so it cannot disagree with what ran; its *family* is the label with the attention switches taken out
@@ -9,13 +10,16 @@ them, so it cannot disagree with what ran; its *family* is the label with the at
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 PRECISIONS = ("fp32", "tf32", "bf16")  # fp32: strict IEEE; tf32: TF32 matmuls (the baseline); bf16: autocast
 ATTENTIONS = ("standard", "flash", "window")  # exact eager; exact fused; sliding window of `window` keys
 CHECKPOINTING = ("none", "full", "selective")  # keep all; recompute every block; keep matmul outputs only
 LOSSES = ("standard", "fused_ce")  # logits then cross-entropy; chunked linear + CE that never holds the logits
+# fp32: upcast the logits before the cross-entropy (the default); compute: log-softmax and its gradient in the
+# compute dtype (bf16 under autocast), as when the loss runs outside autocast. Meaningful on bf16 runs only.
+LOSS_PRECISIONS = ("fp32", "compute")
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -44,6 +48,7 @@ DEFAULT_SWITCHES: dict[str, str | bool] = {**TECHNIQUES["baseline"], "loss": "st
 # Label parts of non-default switch values (other values are spelled out: gradcp-<mode>, the loss name).
 CHECKPOINTING_LABELS = {"none": "", "full": "gradcp", "selective": "sac"}
 LOSS_LABELS = {"standard": "", "fused_ce": "fusedce"}
+UNTIED_LABEL = "untied"  # tie_embeddings=False: the LM head has its own V x d weight
 BASELINE_LABELS = ("baseline", "fp32")  # the FP32/TF32 references savings and speed-ups are measured against
 
 
@@ -65,6 +70,8 @@ class Switches:
     checkpointing: str = "none"
     loss: str = "standard"
     compile: bool = False
+    loss_precision: str = "fp32"
+    tie_embeddings: bool = True
 
     @classmethod
     def of(cls, source: Any) -> "Switches":
@@ -76,8 +83,10 @@ class Switches:
 
 def technique_label(source: Any) -> str:
     """The name a trial is known by, from its switches: baseline, bf16, bf16_flash, bf16_window16, gradcp,
-    bf16_flash_gradcp, sac, bf16_flash_fusedce, bf16_flash_compile, fp32, ... (TF32 is the baseline precision
-    and is left unsaid). Order: precision, attention, checkpointing, loss, compile."""
+    bf16_flash_gradcp, sac, bf16_flash_fusedce, bf16_flash_compile, fp32, bf16_flash_bf16loss_untied, ... (TF32 is
+    the baseline precision and is left unsaid; default switches add nothing). Order: precision, attention,
+    checkpointing, loss, loss precision (`<precision>loss` when the loss runs in the compute dtype), head
+    (`untied`), compile."""
     s = source if isinstance(source, Switches) else Switches.of(source)
     parts: list[str] = [s.precision if s.precision != "tf32" else ""]
     if s.attention == "flash":
@@ -86,6 +95,10 @@ def technique_label(source: Any) -> str:
         parts.append(f"window{s.window}")
     parts.append(CHECKPOINTING_LABELS.get(s.checkpointing, f"gradcp-{s.checkpointing}"))
     parts.append(LOSS_LABELS.get(s.loss, s.loss))
+    if s.loss_precision != "fp32":
+        parts.append(f"{s.precision}loss" if s.loss_precision == "compute" else f"loss{s.loss_precision}")
+    if not s.tie_embeddings:
+        parts.append(UNTIED_LABEL)
     if s.compile:
         parts.append("compile")
     return "_".join(p for p in parts if p) or "baseline"
@@ -95,4 +108,4 @@ def technique_family(source: Any) -> str:
     """The label without its attention part: a windowed trial's full-attention counterpart (`bf16_window16`
     -> `bf16`), every other trial's own label with flash left out."""
     s = source if isinstance(source, Switches) else Switches.of(source)
-    return technique_label(Switches(s.precision, "standard", None, s.checkpointing, s.loss, s.compile))
+    return technique_label(replace(s, attention="standard", window=None))

@@ -1,6 +1,7 @@
 """One trial's configuration: a flat dataclass of switches, validated once at construction, free of torch.
 
-Techniques are switches (`precision`, `attention`, `window`, `checkpointing`, `loss`, `compile`);
+Techniques are switches (`precision`, `attention`, `window`, `checkpointing`, `loss`, `compile`, and the LM
+head's `loss_precision` and `tie_embeddings`);
 the named techniques are presets over them (`contract.techniques.TECHNIQUES`). A preset only fills
 switches left unset, so `{"technique": "flash", "checkpointing": "full"}` is FlashAttention plus
 gradient checkpointing. The label a trial is known by (`bf16_flash_gradcp`) is derived from the
@@ -20,7 +21,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from contract.techniques import (
-    ATTENTIONS, CHECKPOINTING, DEFAULT_SWITCHES, DEVICES, LOSSES, PRECISIONS, SCHEDULES, TECHNIQUES, technique_label,
+    ATTENTIONS, CHECKPOINTING, DEFAULT_SWITCHES, DEVICES, LOSS_PRECISIONS, LOSSES, PRECISIONS, SCHEDULES, TECHNIQUES,
+    technique_label,
 )
 
 from .errors import ConfigError
@@ -73,6 +75,11 @@ class TrialConfig:
     compile: bool | None = field(default=None, metadata=_f("torch.compile the model and loss",
                                                            default_help="from the technique, else off"))
     kernel: str = field(default="auto", metadata=_f("force one attention kernel", choices=KERNEL_CHOICES))
+    loss_precision: str = field(default="fp32", metadata=_f(
+        "the cross-entropy's precision: fp32 (upcast the logits) or compute (log-softmax and its gradient in the "
+        "compute dtype, bf16: as when the loss runs outside autocast; bf16 runs only)", choices=LOSS_PRECISIONS))
+    tie_embeddings: bool = field(default=True, metadata=_f(
+        "share the input embedding with the LM head (--no-tie-embeddings: the head has its own V x d weight)"))
     # model (vocab_size None: the dataset's)
     n_layers: int = field(default=6, metadata=_f("transformer blocks"))
     d_model: int = field(default=512, metadata=_f("hidden size"))
@@ -174,11 +181,13 @@ class TrialConfig:
         _choice("attention", self.attention, ATTENTIONS)
         _choice("checkpointing", self.checkpointing, CHECKPOINTING)
         _choice("loss", self.loss, LOSSES)
+        _choice("loss_precision", self.loss_precision, LOSS_PRECISIONS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
         _choice("kernel", self.kernel, KERNEL_CHOICES)
         self._validate_model()
         self._validate_attention()
+        self._validate_head()
         self._validate_training()
 
     def _validate_attention(self) -> None:
@@ -201,6 +210,16 @@ class TrialConfig:
                              "cpu" if self.device == "cpu" else "cuda", check_installed=False)
             if reason:
                 raise ConfigError(reason)
+
+    def _validate_head(self) -> None:
+        """loss_precision is a choice only where the compute dtype is not fp32 and the loss has a log-softmax
+        to run in it; tie_embeddings composes with every other switch."""
+        if self.loss_precision == "compute" and self.precision != "bf16":
+            raise ConfigError(f"loss_precision 'compute' runs the loss in the compute dtype, which is fp32 on a "
+                              f"{self.precision!r} run (the default already): use it with bf16 precision")
+        if self.loss_precision == "compute" and self.loss == "fused_ce":
+            raise ConfigError("loss_precision 'compute' is for the standard loss: fused_ce computes its softmax in "
+                              "fp32 chunk by chunk (drop one of the two)")
 
     def _validate_model(self) -> None:
         for name in ("n_layers", "d_model", "n_heads", "ff_dim", "seq_len"):

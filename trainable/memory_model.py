@@ -1,8 +1,10 @@
 """Analytic model of the peak GPU memory of one training step (forward, backward, AdamW step).
 
 Predicts what `torch.cuda.max_memory_allocated` reports for a step of `trainable.model.GPT`
-(pre-LN blocks, biased Linears, GELU MLP, learned positions, tied embeddings, no dropout), and,
-separately, the allocator's reserved memory and the CUDA context that nvidia-smi adds on top.
+(pre-LN blocks, biased Linears, GELU MLP, learned positions, tied or untied LM head, no dropout), where that
+memory goes (`MemoryBreakdown.components_mib`, the components of `contract.keys.MEMORY_COMPONENTS`, for every
+phase), and, separately, the allocator's reserved memory and the CUDA context that nvidia-smi adds on top.
+The spec is `memory_spec.MemorySpec`; the terms, each split by component, are in `memory_terms.py`.
 
 Notation: b batch, s seq_len, h d_model, a n_heads, f ff_dim, V vocab, L n_layers, P parameters,
 T = b*s*h, E = b*s*V (logits), c = bytes of the compute dtype (4 fp32/tf32, 2 bf16 autocast),
@@ -18,7 +20,7 @@ materialised attention and dropout. Without dropout (this model has none) their 
     attention output        n_out c T        views of the qkv buffer for fused kernels)
     GELU input and output   2 c b s f      scores (eager)      4 a s^2 b (fp32 softmax output)
                                                                + 2 a s^2 b (its bf16 copy, bf16 only)
-                                                               + s^2 (the bool mask)
+                                                               + s^2 (the bool ~mask; the cached mask, s^2 once)
     fused kernels (flash_attn / SDPA flash / flex / SDPA): no s^2 term, a logsumexp 4 a b s.
     A sliding window changes only the FLOPs of fused kernels; eager still materialises s x s.
 
@@ -26,19 +28,25 @@ so fp32 = 64 sbh + 4 a s^2 b (twice the 16-bit 32 sbh + 2 a s^2 b), bf16 autocas
 36 sbh + 6 a s^2 b: linear/matmul outputs are bf16 and save bf16 input casts, but layer_norm
 runs in fp32 (autocast fp32 list) on the fp32 residual, and the eager kernel's explicit fp32
 softmax keeps an fp32 and a bf16 copy of the probabilities. Under bf16 the Linears also save the
-bf16 casts of their weights (2 bytes per matmul weight) from forward to backward. Full checkpointing keeps only each block's input (r T per layer) and recomputes one
-block at a time in backward (+ one layer's activations and backward temporaries).
+bf16 casts of their weights (2 bytes per matmul weight) from forward to backward. Full checkpointing keeps only
+each block's input (r T per layer) and recomputes one block at a time in backward (+ one layer's activations and
+backward temporaries). Backward through eager attention holds the fp32 gradient of the probabilities and the
+softmax's fp32 input gradient next to what the layer keeps, less the bf16 probabilities already released under
+bf16: 8 a s^2 b (fp32) or 6 a s^2 b (bf16), which is the step's peak at long sequences.
 
 Loss head (standard, `losses.standard_cross_entropy`): logits -> .float() -> log_softmax (saved,
 4E) -> nll. Backward of nll + log_softmax holds the saved 4E plus two more fp32 E buffers: 12E
-bytes, the usual peak at the start of backward. Fused CE (`fused_ce.py`): one chunk of C tokens
-(8 C V bytes: its fp32 logits and logsumexp's temporary of the same size) plus grad_hidden (c T)
-and grad_weight (4 V h); its peak is in forward, next to the final LayerNorm's fp32 output (4 T).
+bytes, the usual peak at the start of backward. With `loss_precision="compute"` (`losses.compute_dtype_
+cross_entropy`) the log-probabilities and both gradients are in the compute dtype: 6E under bf16. Fused CE
+(`fused_ce.py`): one chunk of C tokens (8 C V bytes: its fp32 logits and logsumexp's temporary of the same size)
+plus grad_hidden (c T) and grad_weight (4 V h); its peak is in forward, next to the final LayerNorm's fp32
+output (4 T).
 
 Persistent: params 4P, grads 4P (set to None between steps), AdamW exp_avg + exp_avg_sq 8P, and
-the foreach AdamW step's temporary sqrt(exp_avg_sq) 4P. The peak is a max over phases (steady
-state, optimizer states resident): forward end, backward start (loss head), backward through the
-layers, and the optimizer step (params + grads + states + temporary = 20P).
+the foreach AdamW step's temporary sqrt(exp_avg_sq) 4P. An untied head adds V h to P (so 16 V h bytes of
+params, grads and states; its bf16 copy and its gradient in backward are the tied head's). The peak is a max
+over phases (steady state, optimizer states resident): forward end, backward start (loss head), backward
+through the layers, and the optimizer step (params + grads + states + temporary = 20P).
 
 Not modelled: torch.compile (the `compile` switch). Inductor fuses elementwise chains and lets its
 partitioner recompute cheap ops instead of saving them, which depends on the graph it builds; a
@@ -53,10 +61,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-MIB = float(1 << 20)
-FP32 = 4
-RESIDUAL_BYTES = FP32
-INDEX_BYTES = 8  # int64 token ids / targets kept by embedding and nll_loss backward
+from contract.keys import MEMORY_COMPONENTS
+
+from .memory_spec import (  # noqa: F401 - re-exported: the model's public names
+    CHECKPOINTING_MODES, FP32, INDEX_BYTES, KERNEL_MEMORY, MIB, PRECISION_BYTES, RESIDUAL_BYTES, KernelMemory,
+    MemorySpec,
+)
+from .memory_terms import (  # noqa: F401 - re-exported
+    LOSS_HEADS, HeadMemory, LayerMemory, Parts, autocast_weight_copy_bytes, embedding_saved_parts,
+    layer_matmul_params, layer_memory, mask_cache_bytes, num_params, plus,
+)
 
 
 @dataclass(frozen=True)
@@ -92,199 +106,6 @@ class MemoryConstants:
 DEFAULT_CONSTANTS = MemoryConstants()
 
 
-@dataclass(frozen=True)
-class KernelMemory:
-    """What an attention kernel keeps for backward beyond q, k, v."""
-
-    materialises_scores: bool  # keeps the (b, a, s, s) probabilities
-    output_copies: int  # 1: output feeds the projection as a view; 2: the projection saves a contiguous copy
-    saves_logsumexp: bool
-
-
-KERNEL_MEMORY: dict[str, KernelMemory] = {
-    "eager": KernelMemory(materialises_scores=True, output_copies=1, saves_logsumexp=False),
-    "sdpa": KernelMemory(materialises_scores=False, output_copies=1, saves_logsumexp=True),
-    "sdpa_flash": KernelMemory(materialises_scores=False, output_copies=1, saves_logsumexp=True),
-    "flash_attn": KernelMemory(materialises_scores=False, output_copies=1, saves_logsumexp=True),
-    # Measured on an H200 (torch 2.11, docs/results/memory_model_h200.md): flex's output feeds the projection
-    # without a copy, its window peaks equal SDPA flash's to the MiB.
-    "flex": KernelMemory(materialises_scores=False, output_copies=1, saves_logsumexp=True),
-}
-PRECISION_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2}
-
-
-@dataclass(frozen=True)
-class MemorySpec:
-    """The shape of one training step, everything the memory model needs (validated on creation)."""
-
-    n_layers: int
-    d_model: int
-    n_heads: int
-    ff_dim: int
-    seq_len: int
-    vocab_size: int
-    batch_size: int
-    precision: str = "tf32"
-    kernel: str = "eager"
-    window: int | None = None
-    checkpointing: str = "none"
-    loss: str = "standard"
-    device: str = "cuda"
-    chunk_size: int = 8192  # fused CE tokens per chunk
-
-    def __post_init__(self) -> None:
-        for name in ("n_layers", "d_model", "n_heads", "ff_dim", "seq_len", "vocab_size", "batch_size", "chunk_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.precision not in PRECISION_BYTES:
-            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISION_BYTES)}")
-        if self.kernel not in KERNEL_MEMORY:
-            raise ValueError(f"unknown attention kernel {self.kernel!r}; choose from {', '.join(KERNEL_MEMORY)}")
-        if self.checkpointing not in CHECKPOINTING_MODES:
-            raise ValueError(f"unknown checkpointing {self.checkpointing!r}; choose from {', '.join(CHECKPOINTING_MODES)}")
-        if self.loss not in LOSS_HEADS:
-            raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSS_HEADS)}")
-
-    @property
-    def compute_bytes(self) -> int:
-        return PRECISION_BYTES[self.precision]
-
-    @property
-    def autocast(self) -> bool:
-        return self.precision == "bf16"
-
-    @property
-    def activation_key(self) -> str:
-        """Which calibrated activation multiplier applies: precision family / kernel / checkpointing."""
-        family = "bf16" if self.autocast else "fp32"
-        return f"{family}/{self.kernel}/{self.checkpointing}"
-
-    @property
-    def kernel_memory(self) -> KernelMemory:
-        return KERNEL_MEMORY[self.kernel]
-
-    def with_batch_size(self, batch_size: int) -> "MemorySpec":
-        return dataclasses.replace(self, batch_size=batch_size)
-
-
-CHECKPOINTING_MODES = ("none", "full")
-
-
-# -- parameters --------------------------------------------------------------------------------
-
-
-def layer_matmul_params(spec: MemorySpec) -> int:
-    """Weights of the four Linears of one block: their bf16 casts are saved for backward.
-
-    (The biases' casts live only in autocast's cache, which is cleared when forward ends.)
-    """
-    h, f = spec.d_model, spec.ff_dim
-    return 4 * h * h + 2 * h * f
-
-
-def num_params(spec: MemorySpec) -> int:
-    """Parameter count of trainable.model.GPT (tied embedding counted once)."""
-    h, f = spec.d_model, spec.ff_dim
-    per_layer = layer_matmul_params(spec) + (3 * h + h + f + h) + 2 * 2 * h  # + biases, two LayerNorms
-    return spec.vocab_size * h + spec.seq_len * h + spec.n_layers * per_layer + 2 * h
-
-
-def autocast_weight_copy_bytes(spec: MemorySpec, *, blocks: bool) -> float:
-    """bf16 copies of matmul weights saved for backward (autocast casts them once per forward).
-
-    The fused loss casts the head weight itself (a forward temporary, see `fused_head`).
-    """
-    if not spec.autocast:
-        return 0.0
-    block_params = spec.n_layers * layer_matmul_params(spec) if blocks else 0
-    head_params = spec.vocab_size * spec.d_model if spec.loss == "standard" else 0
-    return 2.0 * (block_params + head_params)
-
-
-# -- activations -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerMemory:
-    saved: float  # bytes kept from forward to backward by one block (no checkpointing)
-    backward_temporaries: float  # largest extra bytes while that block runs backward
-
-
-def layer_memory(spec: MemorySpec) -> LayerMemory:
-    """One transformer block's saved activations and backward temporaries (see module docstring)."""
-    b, s, h, a, f = spec.batch_size, spec.seq_len, spec.d_model, spec.n_heads, spec.ff_dim
-    c, r, km = spec.compute_bytes, RESIDUAL_BYTES, spec.kernel_memory
-    tokens, t = b * s, b * s * h
-    saved = 2 * r * t + 2 * 2 * FP32 * tokens  # two LayerNorm inputs (residual) + mean/rstd
-    saved += 3 * c * t  # inputs of qkv, fc and the attention projection's cast/view chain
-    saved += 3 * c * t  # q, k, v
-    saved += (km.output_copies - 1) * c * t  # an extra contiguous copy of the attention output
-    saved += 2 * c * tokens * f  # GELU input and output (fc output, mlp-proj input)
-    scores = a * s * s * b
-    if km.materialises_scores:
-        saved += FP32 * scores + (c * scores if c != FP32 else 0) + s * s  # fp32 probs, bf16 copy, mask
-    if km.saves_logsumexp:
-        saved += FP32 * a * tokens
-    mlp_temporaries = 2 * c * tokens * f
-    attn_temporaries = 2 * FP32 * scores if km.materialises_scores else 3 * c * t + FP32 * t
-    return LayerMemory(saved=float(saved), backward_temporaries=float(max(mlp_temporaries, attn_temporaries)))
-
-
-def embedding_saved_bytes(spec: MemorySpec) -> float:
-    """Token ids kept by the two embedding lookups."""
-    return float(INDEX_BYTES * (spec.batch_size * spec.seq_len + spec.seq_len))
-
-
-# -- loss heads --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HeadMemory:
-    saved: float  # bytes kept from forward to backward (final LN, head input, log-probs / stored grads)
-    forward_temporaries: float  # extra bytes at the head's forward peak
-    backward_temporaries: float  # extra bytes at the head's backward peak
-
-
-def _final_norm_bytes(spec: MemorySpec) -> float:
-    tokens = spec.batch_size * spec.seq_len
-    return RESIDUAL_BYTES * tokens * spec.d_model + 2 * FP32 * tokens
-
-
-def standard_head(spec: MemorySpec) -> HeadMemory:
-    """F.linear -> .float() -> cross_entropy: an fp32 log-softmax saved, 12E bytes in backward."""
-    tokens = spec.batch_size * spec.seq_len
-    logits, c = tokens * spec.vocab_size, spec.compute_bytes
-    saved = _final_norm_bytes(spec) + c * tokens * spec.d_model + FP32 * logits + INDEX_BYTES * tokens
-    # logits (+ their fp32 copy), and the final LayerNorm's fp32 output the head reads
-    forward_extra = c * logits + (FP32 * logits if c != FP32 else 0) + RESIDUAL_BYTES * tokens * spec.d_model
-    backward_extra = 2 * FP32 * logits  # grad of log-probs, grad of logits
-    return HeadMemory(saved=float(saved), forward_temporaries=float(forward_extra),
-                      backward_temporaries=float(backward_extra))
-
-
-def fused_head(spec: MemorySpec) -> HeadMemory:
-    """fused_linear_cross_entropy: one chunk of logits; grads stored in forward, scaled in backward."""
-    tokens = spec.batch_size * spec.seq_len
-    c, h, v = spec.compute_bytes, spec.d_model, spec.vocab_size
-    chunk_logits = min(spec.chunk_size, tokens) * v
-    grad_hidden, grad_weight = c * tokens * h, FP32 * v * h
-    saved = _final_norm_bytes(spec) + grad_hidden + grad_weight
-    weight_copy = c * v * h if c != FP32 else 0
-    # The chunk's fp32 logits and logsumexp's exp(logits - max) temporary of the same size (under bf16 the bf16
-    # matmul output, 2 CV, is freed by then); the final LayerNorm's fp32 output stays alive while chunks run.
-    chunk = 2 * FP32 * chunk_logits
-    forward_extra = weight_copy + chunk + c * v * h + c * min(spec.chunk_size, tokens) * h + RESIDUAL_BYTES * tokens * h
-    backward_extra = grad_weight + grad_hidden + (FP32 * tokens * h if c != FP32 else 0)
-    return HeadMemory(saved=float(saved), forward_temporaries=float(forward_extra),
-                      backward_temporaries=float(backward_extra))
-
-
-LOSS_HEADS: dict[str, Callable[[MemorySpec], HeadMemory]] = {
-    "standard": standard_head,
-    "fused_ce": fused_head,
-}
-
-
 # -- the step ----------------------------------------------------------------------------------
 
 
@@ -307,58 +128,79 @@ class MemoryBreakdown:
     phase: str
     reserved_mib: float  # predicted torch.cuda.memory_reserved at the peak
     context_mib: float  # CUDA context outside the allocator (nvidia-smi shows reserved + context)
+    components_mib: dict[str, float]  # the peak by MEMORY_COMPONENTS (overhead in `other`); sums to peak_mib
+    phase_components_mib: dict[str, dict[str, float]]  # the same for every phase; each sums to phases_mib
 
     @property
     def saved_for_backward_mib(self) -> float:
         """Everything autograd keeps from forward to backward (what saved-tensor hooks can see)."""
         return self.activations_mib + self.embedding_mib + self.loss_head_mib + self.autocast_copies_mib
 
+    @property
+    def slack_mib(self) -> float:
+        """Predicted allocator slack at the peak: reserved minus allocated."""
+        return self.reserved_mib - self.peak_mib
 
-def _phases(spec: MemorySpec, constants: MemoryConstants) -> tuple[dict[str, float], dict[str, float], dict]:
-    """Bytes per phase, plus the transient bytes of each phase and the static terms."""
+
+def _phase_parts(spec: MemorySpec, constants: MemoryConstants) -> tuple[dict[str, Parts], dict[str, Parts], dict]:
+    """Bytes per phase by component, the transient bytes of each phase, and the static terms."""
     p = num_params(spec)
-    params, grads, states = FP32 * p, FP32 * p, 2 * FP32 * p
+    params, grads, states = Parts(params=FP32 * p), Parts(grads=FP32 * p), Parts(optimizer=2 * FP32 * p)
     layer = layer_memory(spec)
     head = LOSS_HEADS[spec.loss](spec)
     scale = constants.scale(spec.activation_key)
     checkpointed = spec.checkpointing == "full"
-    tokens_hidden = spec.batch_size * spec.seq_len * spec.d_model
-    per_layer_kept = RESIDUAL_BYTES * tokens_hidden if checkpointed else layer.saved
-    activations = scale * spec.n_layers * per_layer_kept
-    embedding = embedding_saved_bytes(spec)
-    batch = 2 * INDEX_BYTES * spec.batch_size * spec.seq_len  # inputs and targets on the device
-    copies_fwd = autocast_weight_copy_bytes(spec, blocks=True)
-    copies_bwd = autocast_weight_copy_bytes(spec, blocks=not checkpointed)
+    tokens_hidden = spec.tokens * spec.d_model
+    per_layer_kept = Parts(act_residual=RESIDUAL_BYTES * tokens_hidden) if checkpointed else layer.saved_parts
+    activations = (scale * spec.n_layers) * per_layer_kept
+    embedding = embedding_saved_parts(spec)
+    batch = Parts(other=2 * INDEX_BYTES * spec.tokens + mask_cache_bytes(spec))  # inputs, targets, cached mask
+    copies_fwd = Parts(weight_copies=autocast_weight_copy_bytes(spec, blocks=True))
+    copies_bwd = Parts(weight_copies=autocast_weight_copy_bytes(spec, blocks=not checkpointed))
     resident = params + states + batch
-    kept = activations + embedding + head.saved
-    recompute = scale * layer.saved if checkpointed else 0.0
-    residual_grads = 2 * FP32 * tokens_hidden
-    head_weight_grad = FP32 * spec.vocab_size * spec.d_model
+    kept = activations + embedding + head.saved_parts
+    recompute = scale * layer.saved_parts if checkpointed else Parts()
     transients = {
-        "forward": head.forward_temporaries,
-        "backward_start": head.backward_temporaries,
-        "backward_layers": head_weight_grad + residual_grads + recompute + scale * layer.backward_temporaries,
-        "optimizer_step": constants.optimizer_temporaries * FP32 * p,
+        "forward": head.forward_parts,
+        "backward_start": head.backward_parts,
+        "backward_layers": plus((Parts(grads=FP32 * spec.vocab_size * spec.d_model),  # the head weight's grad
+                                 Parts(act_residual=2 * FP32 * tokens_hidden),  # the residual stream's gradient
+                                 recompute, scale * layer.backward_parts)),
+        "optimizer_step": Parts(optimizer=constants.optimizer_temporaries * FP32 * p),
     }
     phases = {
         "forward": resident + copies_fwd + kept + transients["forward"],
         "backward_start": resident + copies_bwd + kept + transients["backward_start"],
-        "backward_layers": resident + copies_bwd + kept - head.saved + transients["backward_layers"],
+        "backward_layers": resident + copies_bwd + kept - head.saved_parts + transients["backward_layers"],
         "optimizer_step": params + grads + states + batch + transients["optimizer_step"],
     }
-    static = dict(params=params, grads=grads, states=states, activations=activations, layer=layer.saved,
-                  embedding=embedding, head=head.saved, copies=copies_bwd)
+    static = dict(params=params.total, grads=grads.total, states=states.total, activations=activations.total,
+                  layer=layer.saved, embedding=embedding.total, head=head.saved, copies=copies_bwd.total)
     return phases, transients, static
+
+
+def _phases(spec: MemorySpec, constants: MemoryConstants) -> tuple[dict[str, float], dict[str, float], dict]:
+    """Bytes per phase, plus the transient bytes of each phase and the static terms."""
+    phases, transients, static = _phase_parts(spec, constants)
+    return ({k: v.total for k, v in phases.items()}, {k: v.total for k, v in transients.items()}, static)
+
+
+def _components_mib(parts: Parts, overhead_mib: float) -> dict[str, float]:
+    out = {c: parts.get(c, 0.0) / MIB for c in MEMORY_COMPONENTS}
+    out["other"] += overhead_mib
+    return out
 
 
 def predict_peak_memory(cfg: Any = None, *, constants: MemoryConstants = DEFAULT_CONSTANTS,
                         **overrides: Any) -> MemoryBreakdown:
     """Peak allocated memory of a steady-state training step for `cfg` (TrialConfig, MemorySpec, dict or kwargs)."""
     spec = to_spec(cfg, **overrides)
-    phases, transients, static = _phases(spec, constants)
+    parts, transient_parts, static = _phase_parts(spec, constants)
+    phases = {name: value.total for name, value in parts.items()}
     phase = max(phases, key=phases.get)
     overhead = constants.overhead_mib
     peak = phases[phase] / MIB + overhead
+    by_phase = {name: _components_mib(value, overhead) for name, value in parts.items()}
     return MemoryBreakdown(
         params_mib=static["params"] / MIB,
         grads_mib=static["grads"] / MIB,
@@ -368,13 +210,15 @@ def predict_peak_memory(cfg: Any = None, *, constants: MemoryConstants = DEFAULT
         embedding_mib=static["embedding"] / MIB,
         loss_head_mib=static["head"] / MIB,
         autocast_copies_mib=static["copies"] / MIB,
-        transient_mib=transients[phase] / MIB,
+        transient_mib=transient_parts[phase].total / MIB,
         overhead_mib=overhead,
         phases_mib={name: value / MIB + overhead for name, value in phases.items()},
         peak_mib=peak,
         phase=phase,
         reserved_mib=peak * constants.reserved_ratio_for(spec.checkpointing),
         context_mib=constants.context_mib,
+        components_mib=by_phase[phase],
+        phase_components_mib=by_phase,
     )
 
 
@@ -401,9 +245,6 @@ def predict_max_batch_size(cfg: Any = None, budget_mib: float = 0.0, *,
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
     return low
-
-
-# -- calibration -------------------------------------------------------------------------------
 
 
 def calibrate(measurements: Iterable[tuple[Any, float]], *, constants: MemoryConstants = DEFAULT_CONSTANTS,
@@ -488,7 +329,7 @@ def to_spec(cfg: Any = None, **overrides: Any) -> MemorySpec:
     values["kernel"] = requested
     if values.get("vocab_size") is None:
         raise ValueError("vocab_size is required (TrialConfig leaves it to the dataset: pass vocab_size=...)")
-    for name in ("checkpointing", "loss", "precision"):
+    for name in ("checkpointing", "loss", "precision", "loss_precision", "tie_embeddings"):
         if values.get(name) is None:
             values.pop(name, None)
     return MemorySpec(**{k: v for k, v in values.items() if k in _SPEC_FIELDS})
@@ -497,5 +338,5 @@ def to_spec(cfg: Any = None, **overrides: Any) -> MemorySpec:
 __all__ = [
     "MemoryConstants", "DEFAULT_CONSTANTS", "MemorySpec", "MemoryBreakdown", "KernelMemory", "KERNEL_MEMORY",
     "LOSS_HEADS", "predict_peak_memory", "predict_max_batch_size", "calibrate", "to_spec", "num_params",
-    "layer_memory",
+    "layer_memory", "Parts",
 ]

@@ -1,6 +1,7 @@
 """A GPT-style decoder, nanoGPT-sized and readable in one sitting.
 
-Pre-LayerNorm blocks, GELU MLP, learned absolute positions, input and output embeddings tied.
+Pre-LayerNorm blocks, GELU MLP, learned absolute positions, input and output embeddings tied (or, with
+`tie_embeddings=False`, an LM head with its own V x d weight).
 The model knows nothing about techniques: the attention kernel is handed in as a callable
 (`attention.py`), checkpointing is applied afterwards as a policy (`checkpointing.py`), precision is
 autocast around the call (`precision.py`), and the LM head lives in the loss (`losses.py`), so
@@ -26,6 +27,7 @@ class ModelConfig:
     d_model: int = 512
     n_heads: int = 8
     ff_dim: int = 2048
+    tie_embeddings: bool = True
 
 
 class CausalSelfAttention(nn.Module):
@@ -76,6 +78,8 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, attend) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        # Built without drawing random numbers and initialised last, so every other weight is the tied model's.
+        self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -89,11 +93,13 @@ class GPT(nn.Module):
         for block in self.blocks:
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head, std=0.02)
 
     @property
     def output_weight(self) -> Tensor:
-        """The LM head's (V, d) weight: tied to the input embedding."""
-        return self.wte.weight
+        """The LM head's (V, d) weight: the input embedding's when tied, else its own."""
+        return self.wte.weight if self.lm_head is None else self.lm_head
 
     def forward(self, idx: Tensor) -> Tensor:
         """Token ids (B, T) -> final hidden states (B, T, d); the loss applies the LM head."""
@@ -110,5 +116,5 @@ class GPT(nn.Module):
         return hidden @ self.output_weight.T
 
     def num_params(self) -> int:
-        """Trainable parameters, the tied embedding counted once."""
+        """Trainable parameters, a tied embedding counted once (an untied head adds V x d)."""
         return sum(p.numel() for p in self.parameters())
