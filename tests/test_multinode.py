@@ -47,9 +47,10 @@ WORKERS = ("w1", "w2", "w3")  # + the head: 4 nodes of 1 CPU
 TINY = ["--n-layers", "1", "--d-model", "16", "--n-heads", "2", "--ff-dim", "32", "--seq-len", "16"]
 LOAD_TECHNIQUES = ("baseline", "fp32", "gradcp", "sac")
 LOAD_BATCH_SIZES = tuple(range(1, 14))  # 4 x 13 = 52 trials
-# The node-failure grid: long enough (150 steps) to be killed mid-run, checkpointing every 10 steps.
-FT_STEPS, FT_INTERVAL = 150, 10
-FT_MODEL = ["--n-layers", "2", "--d-model", "64", "--n-heads", "4", "--ff-dim", "256", "--seq-len", "64"]
+# The node-failure grid: long enough (200 steps) to be killed mid-run, checkpointing every 25 steps (more steps
+# than result.json lags behind the trial, so the kill lands between two checkpoints).
+FT_STEPS, FT_INTERVAL = 200, 25
+FT_MODEL = ["--n-layers", "2", "--d-model", "128", "--n-heads", "4", "--ff-dim", "512", "--seq-len", "64"]
 # The GCS notices a dead raylet in ~3 s instead of Ray's default ~30 s (what `ray start` users tune too).
 FAST_HEALTH_CHECK = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
                      "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
@@ -196,10 +197,27 @@ class Cluster:
             list(pool.map(lambda name: self.add_node(name), workers))
 
     def add_node(self, name: str, *, head: bool = False, pythonpath: Path | None = None,
-                 hide: Path | None = None) -> Node:
+                 hide: Path | None = None, attempts: int = 2) -> Node:
         """Start one node and wait until the GCS lists it. `hide`: mount an empty tmpfs over that directory in
-        a mount namespace of the node's own, so its processes (and only they) do not see what is there."""
-        temp_dir = self.root / f"g{self.generation}-{name}"
+        a mount namespace of the node's own, so its processes (and only they) do not see what is there.
+
+        A port found free can be taken by another process before the node binds it (other Ray instances run on
+        this machine too): a node that fails to start is started once more on new ports."""
+        for attempt in range(attempts):
+            try:
+                return self._start_node(name, head=head, pythonpath=pythonpath, hide=hide, attempt=attempt)
+            except RuntimeError:
+                if name in self.nodes:
+                    self.stop_node(name)
+                if attempt == attempts - 1:
+                    raise
+                if head:
+                    self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
+        raise AssertionError("unreachable")
+
+    def _start_node(self, name: str, *, head: bool, pythonpath: Path | None, hide: Path | None,
+                    attempt: int) -> Node:
+        temp_dir = self.root / f"g{self.generation}-{name}" if not attempt else self.root / f"g{self.generation}r-{name}"
         ports = dict(zip(("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
                           "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"),
                          free_ports(6)))
@@ -221,7 +239,7 @@ class Cluster:
                             **head_env)
         if pythonpath is not None:
             env["PYTHONPATH"] = str(pythonpath)
-        log = self.root / f"g{self.generation}-{name}.log"
+        log = temp_dir.with_suffix(".log")
         with open(log, "w") as out:
             proc = subprocess.Popen(args, env=env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -684,18 +702,17 @@ def _uninterrupted_losses(trial_dir: Path) -> list[float]:
     return [r["loss"] for r in out]
 
 
-def _victim(cluster: Cluster, exp: Path, names: list[str]) -> tuple[str, Node, int, int] | None:
+def _victim(raylets: dict[int, Node], exp: Path, names: list[str]) -> tuple[str, Node, int, int] | None:
     """A trial on a worker node that has checkpointed and run a few steps past its last checkpoint (so some steps
-    are replayed after the restart): (trial, node, pid, step)."""
-    raylets = {node.raylet_pid(): node for node in cluster.nodes.values() if node.name != "head"}
+    are replayed after the restart): (trial, node, pid, step). `raylets`: raylet pid -> worker node."""
     for name in names:
         trial = reports(exp / name / "result.json")
         if not trial or not any((exp / name).glob("checkpoint_*")) or trial[-1]["step"] < FT_INTERVAL + 3:
             continue
-        if not 3 <= trial[-1]["step"] % FT_INTERVAL <= 7:
+        if not 2 <= trial[-1]["step"] % FT_INTERVAL <= 15:
             continue
         node = raylets.get(parent_pid(trial[-1]["pid"]))  # a Ray worker's parent is its node's raylet
-        if node is not None and trial[-1]["step"] < FT_STEPS - 3 * FT_INTERVAL:
+        if node is not None and trial[-1]["step"] < FT_STEPS - 2 * FT_INTERVAL:
             return name, node, trial[-1]["pid"], trial[-1]["step"]
     return None
 
@@ -714,8 +731,9 @@ def test_a_killed_worker_node_costs_only_the_steps_since_the_checkpoint(cluster,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline, victim = time.monotonic() + 150, None
+        raylets = {node.raylet_pid(): node for node in cluster.nodes.values() if node.name != "head"}
         while victim is None and time.monotonic() < deadline and driver.poll() is None:
-            victim = _victim(cluster, exp, names)
+            victim = _victim(raylets, exp, names)
             time.sleep(0.05)
         assert victim is not None, f"no trial to interrupt (driver {driver.poll()}):\n{log.read_text()[-3000:]}"
         trial, node, killed_pid, killed_at = victim
@@ -736,7 +754,9 @@ def test_a_killed_worker_node_costs_only_the_steps_since_the_checkpoint(cluster,
     assert first and rest and len({r["pid"] for r in rest}) == 1, "expected exactly one restart"
     assert history == first + rest
     resumed_from = rest[0]["step"] - 1
-    assert resumed_from % FT_INTERVAL == 0 and FT_INTERVAL <= resumed_from <= first[-1]["step"]
+    assert resumed_from % FT_INTERVAL == 0 and FT_INTERVAL <= resumed_from <= first[-1]["step"], \
+        (f"killed at step {first[-1]['step']} (seen {killed_at}), resumed from {resumed_from}; "
+         f"checkpoints: {sorted(p.name for p in (exp / trial).glob('checkpoint_*'))}")
     final_run = [r for r in first if r["step"] <= resumed_from] + rest
     assert [r["step"] for r in final_run] == list(range(1, FT_STEPS + 1))
     assert final_run[-1]["final"] is True and final_run[-1]["status"] == "ok"
