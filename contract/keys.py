@@ -69,8 +69,9 @@ _KEYS = (
                                  "summed over restarts"),
     Key("steady_tokens_per_s", "final", "GPU-time throughput over the steps not flagged warmup"),
     Key("steady_mfu", "final", "MFU of steady_tokens_per_s"),
-    Key("wall_tokens_per_s", "final", "wall-clock throughput over the steps not flagged warmup: tokens / the wall "
-                                      "time between their reports, counting reporting, evaluation and checkpoints"),
+    Key("wall_tokens_per_s", "final", "wall-clock throughput over the steps not flagged warmup: their tokens / the "
+                                      "time from the end of each one's previous step to its own end on the GPU's "
+                                      "clock, so every wait for the host (reporting, evaluation, checkpoints) counts"),
     Key("report_time_s", "final", "wall time spent handing reports (and checkpoints) to Tune"),
     Key("checkpoint_time_s", "final", "wall time the training loop waited for checkpoints (snapshots to host)"),
     Key("setup_time_s", "final", "wall time from entering the trial to its first step: data, model, compile set-up"),

@@ -78,6 +78,13 @@ class CudaTimer:
         stopped.synchronize()
         return started.elapsed_time(stopped) / 1000.0
 
+    @staticmethod
+    def between(earlier: tuple, later: tuple) -> float:
+        """Seconds on the GPU's clock from the end of one step to the end of a later one: that step's time plus
+        every gap before it in which the GPU waited for the host (reporting, evaluation, checkpoint copies)."""
+        later[1].synchronize()
+        return earlier[1].elapsed_time(later[1]) / 1000.0
+
 
 class HostTimer:
     """CPU: the step ran synchronously, wall-clock is its time."""
@@ -91,6 +98,10 @@ class HostTimer:
     @staticmethod
     def seconds(span: tuple[float, float]) -> float:
         return span[1] - span[0]
+
+    @staticmethod
+    def between(earlier: tuple[float, float], later: tuple[float, float]) -> float:
+        return later[1] - earlier[1]
 
 
 def to_host_async(tensor: torch.Tensor) -> torch.Tensor:

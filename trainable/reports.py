@@ -34,7 +34,7 @@ class Position:
     compile_time_s: float = 0.0  # summed step time of the steps during which torch.compile ran
     steady_tokens: int = 0  # tokens and GPU time of the steps that are not warm-up
     steady_time_s: float = 0.0
-    steady_wall_s: float = 0.0  # wall time between the reports of the steady steps
+    steady_wall_s: float = 0.0  # wall time of the steady steps: end of the previous step to their end, GPU clock
     steady_wall_tokens: int = 0
     checkpoint_time_s: float = 0.0  # time the loop waited to take snapshots
 

@@ -87,7 +87,7 @@ class _Trial:
         self.step_mem: dict[str, float] = {}
         self.setup_time_s = 0.0
         self._time_before, self._clock = 0.0, None
-        self._wall_mark: float | None = None
+        self._wall_mark: Any = None  # the span of the last step read (wall time is measured between spans)
         self._last_checkpoint = time.monotonic()
         self.model = run.build_model()
         self.facts = run_facts(run, self.model.num_params())
@@ -252,21 +252,18 @@ class _Trial:
     def _step_metrics(self, record: StepRecord) -> dict[str, Any]:
         """The report of a queued step; reading the timer waits for that step only (and makes its loss valid)."""
         seconds = self.timer.seconds(record.span)
-        now = time.perf_counter()
         if record.step == self.first_step:
             self.timeline.mark("first_step_end_time")
         tokens, pos = self.cfg.tokens_per_step, self.pos
         if record.compiling:
             pos.compile_time_s += seconds
-        if record.warmup:
-            self._wall_mark = now
-        else:
+        if not record.warmup:
             pos.steady_tokens += tokens
             pos.steady_time_s += seconds
-            if self._wall_mark is not None:
-                pos.steady_wall_s += now - self._wall_mark
+            if self._wall_mark is not None:  # the previous step's span: wall time on the GPU's clock
+                pos.steady_wall_s += self.timer.between(self._wall_mark, record.span)
                 pos.steady_wall_tokens += tokens
-            self._wall_mark = now
+        self._wall_mark = record.span
         loss = record.loss.item()
         metrics = step_report(record.step, loss, record.lr, seconds, tokens, record.mem, record.compiling,
                               record.warmup, pos, self.facts)
