@@ -68,7 +68,8 @@ from .memory_spec import (  # noqa: F401 - re-exported: the model's public names
     MemorySpec,
 )
 from .memory_terms import (  # noqa: F401 - re-exported
-    LOSS_HEADS, HeadMemory, LayerMemory, Parts, autocast_weight_copy_bytes, embedding_saved_parts,
+    LOSS_HEADS, HeadMemory, LayerMemory, Parts, autocast_weight_copy_bytes, autocast_weight_copy_parts,
+    embedding_saved_parts,
     layer_matmul_params, layer_memory, mask_cache_bytes, num_params, plus,
 )
 
@@ -155,8 +156,8 @@ def _phase_parts(spec: MemorySpec, constants: MemoryConstants) -> tuple[dict[str
     activations = (scale * spec.n_layers) * per_layer_kept
     embedding = embedding_saved_parts(spec)
     batch = Parts(other=2 * INDEX_BYTES * spec.tokens + mask_cache_bytes(spec))  # inputs, targets, cached mask
-    copies_fwd = Parts(weight_copies=autocast_weight_copy_bytes(spec, blocks=True))
-    copies_bwd = Parts(weight_copies=autocast_weight_copy_bytes(spec, blocks=not checkpointed))
+    copies_fwd = autocast_weight_copy_parts(spec, blocks=True)
+    copies_bwd = autocast_weight_copy_parts(spec, blocks=not checkpointed)
     resident = params + states + batch
     kept = activations + embedding + head.saved_parts
     recompute = scale * layer.saved_parts if checkpointed else Parts()

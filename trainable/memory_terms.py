@@ -11,8 +11,9 @@ that allocates it, which is how the trial's measured breakdown (`trainable.break
   `act_attention` / `act_mlp`; the loss's logits, log-probabilities and stored gradients are `logits_loss`;
 * in backward, temporaries belong to the module whose backward allocates them; the gradient flowing down the
   residual stream is `act_residual`, a weight gradient is `grads`;
-* autocast's bf16 weight copies kept for backward are `weight_copies`; the batch and positions' token ids,
-  cached masks and workspaces are `other`.
+* autocast's bf16 copies of the blocks' weights kept for backward are `weight_copies`; the LM head's copy is
+  made by the loss and is `logits_loss` (the LM head and loss); the batch and positions' token ids, cached
+  masks and workspaces are `other`.
 
 Formulas: see `trainable/memory_model.py`'s docstring.
 """
@@ -98,6 +99,13 @@ def autocast_weight_copy_bytes(spec: MemorySpec, *, blocks: bool) -> float:
     block_params = spec.n_layers * layer_matmul_params(spec) if blocks else 0
     head_params = spec.vocab_size * spec.d_model if spec.loss == "standard" else 0
     return 2.0 * (block_params + head_params)
+
+
+def autocast_weight_copy_parts(spec: MemorySpec, *, blocks: bool) -> Parts:
+    """`autocast_weight_copy_bytes` by component: the blocks' copies, and the head's (made by the loss)."""
+    block_params = spec.n_layers * layer_matmul_params(spec) if blocks else 0
+    head = autocast_weight_copy_bytes(spec, blocks=False)
+    return Parts(weight_copies=2.0 * block_params if spec.autocast else 0.0, logits_loss=head)
 
 
 # -- activations -------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from contract.keys import BREAKDOWN_KEYS, keys_of
+from contract.keys import keys_of
 from contract.techniques import technique_family, technique_label
 
+from .breakdown import not_measured
 from .flops import mfu, model_flops_per_token, peak_bf16_flops
 from .measure import gpu_facts
 from .setup import Run, model_config
@@ -79,8 +80,8 @@ def totals(pos: Position, facts: dict[str, Any], report_time_s: float, setup_tim
             "steady_mfu": mfu(steady, facts["model_flops_per_token"], facts["peak_flops"]),
             "wall_tokens_per_s": wall, "compile_time_s": pos.compile_time_s, "report_time_s": report_time_s,
             "checkpoint_time_s": pos.checkpoint_time_s, "setup_time_s": setup_time_s,
-            # where the memory goes: filled by the breakdown measurement (not measured yet: NaN)
-            **{k: (None if k == "breakdown_phase" else NAN) for k in BREAKDOWN_KEYS}}
+            # where the memory goes: NaN here; the trial's BreakdownProbe (breakdown_probe.py) fills them in
+            **not_measured()}
 
 
 def oom_report(step: int, phase: str, message: str, pos: Position, facts: dict[str, Any],

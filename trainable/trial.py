@@ -35,6 +35,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .breakdown_probe import BreakdownProbe
 from .checkpoint_io import CheckpointIO, TuneCheckpointIO, check_resumable
 from .compile_policy import CompileWatch, build_forward_loss, release_compiled
 from .config import TrialConfig
@@ -91,6 +92,7 @@ class _Trial:
         self._last_checkpoint = time.monotonic()
         self.model = run.build_model()
         self.facts = run_facts(run, self.model.num_params())
+        self.breakdown = BreakdownProbe(self.cfg, run.data.vocab_size, run.kernel.name, self.device)
 
     # -- lifecycle --
     def train(self) -> dict[str, Any]:
@@ -109,6 +111,7 @@ class _Trial:
         metrics = oom_report(failure.step, failure.phase, failure.message, self.pos, self.facts, self.step_mem,
                              memory_now, self.reporter.report_time_s, self.setup_time_s)
         metrics.update(self.timeline.report(self.device))
+        metrics.update(self.breakdown.report())
         self.reporter.submit(metrics)
         return metrics
 
@@ -144,7 +147,8 @@ class _Trial:
         for epoch, index, rows in self.run.batches(self.pos.epoch, self.pos.batch):
             self.phase, self.current_step = "forward", self.pos.step + 1
             inputs, targets = self._to_device(rows)
-            record = self._train_step(self.pos.step + 1, inputs, targets)
+            record = self.breakdown.step(self._train_step, self.pos.step + 1, self.first_step, inputs, targets,
+                                         self.model, self.optimizer)  # recorded once: where the memory goes
             self._advance(epoch, index)
             final = self._flush_pending()  # step k - 1, now that step k is queued
             if final is not None:
@@ -275,7 +279,7 @@ class _Trial:
     def _totals(self) -> dict[str, Any]:
         """The final report's totals and the start-up timeline."""
         return {**totals(self.pos, self.facts, self.reporter.report_time_s, self.setup_time_s),
-                **self.timeline.report(self.device)}
+                **self.timeline.report(self.device), **self.breakdown.report()}
 
     def _flush_pending(self) -> dict[str, Any] | None:
         """Report the pending step; returns its metrics when they end the run (a non-finite loss)."""
