@@ -214,3 +214,44 @@ def test_prediction_close_to_cuda_peak(case):
         opt.zero_grad(set_to_none=True)
     measured = torch.cuda.max_memory_allocated(device) / MIB
     assert predict_peak_memory(spec).peak_mib == pytest.approx(measured, rel=0.25)
+
+
+# -- long sequences: quadratic for eager, linear for fused kernels ------------------------------------------------
+
+
+def _peak_bytes(seq_len: int, batch_size: int, **kw) -> tuple[float, str]:
+    bd = predict_peak_memory(to_spec(SEED_SHAPE, vocab_size=10000, seq_len=seq_len, batch_size=batch_size, **kw))
+    return bd.peak_mib * MIB, bd.phase
+
+
+@pytest.mark.parametrize("precision, probs_bytes, backward_bytes", [("tf32", 4, 8), ("bf16", 6, 6)])
+def test_eager_peak_is_quadratic_in_seq_len_with_the_models_s2_coefficient(precision, probs_bytes, backward_bytes):
+    """f(3s) - 2 f(2s) + f(s) = 2 C s^2 for f = A + B s + C s^2: C is every s^2 term the step holds at its peak
+    (backward through the top layer's attention): each layer's probabilities and ~mask, the backward's two fp32
+    gradients (less the released bf16 probabilities under bf16), and the cached mask."""
+    s, b, layers, heads = 4096, 2, SEED_SHAPE["n_layers"], SEED_SHAPE["n_heads"]
+    (f1, p1), (f2, p2), (f3, p3) = (_peak_bytes(k * s, b, precision=precision, kernel="eager") for k in (1, 2, 3))
+    assert p1 == p2 == p3 == "backward_layers"
+    coefficient = layers * (probs_bytes * heads * b + 1) + backward_bytes * heads * b + 1
+    assert f3 - 2 * f2 + f1 == pytest.approx(2 * coefficient * s * s, rel=1e-9)
+
+
+@pytest.mark.parametrize("kernel, window", [("sdpa_flash", None), ("flex", 256), ("flex", None)])
+def test_fused_kernels_peak_is_linear_in_seq_len_and_window_free(kernel, window):
+    s, b = 2048, 2
+    peaks = [_peak_bytes(k * s, b, precision="bf16", kernel=kernel, window=window) for k in (1, 2, 3)]
+    (f1, _), (f2, _), (f3, _) = peaks
+    assert f3 - 2 * f2 + f1 == pytest.approx(0, abs=1.0)
+    assert peaks == [_peak_bytes(k * s, b, precision="bf16", kernel="sdpa_flash") for k in (1, 2, 3)]
+
+
+def test_at_fixed_tokens_per_batch_only_eager_grows_with_seq_len():
+    """tokens = b s fixed: fused kernels change only by the position table (s x h params, AdamW states) and the
+    positions' ids; eager grows with a s^2 b = a s tokens."""
+    tokens, h = 16384, SEED_SHAPE["d_model"]
+    flash = {s: _peak_bytes(s, tokens // s, precision="bf16", kernel="sdpa_flash") for s in (512, 2048, 8192)}
+    assert {phase for _, phase in flash.values()} == {"backward_start"}
+    assert flash[8192][0] - flash[512][0] == pytest.approx((12 * h + 8) * (8192 - 512), rel=1e-9)
+    eager = [_peak_bytes(s, tokens // s, precision="bf16", kernel="eager")[0] for s in (512, 2048, 8192)]
+    assert eager[2] - eager[1] > 3 * (eager[1] - eager[0]) > 0  # linear in s at fixed tokens: 6144 vs 1536 steps
+    assert eager[2] > 10 * flash[8192][0]

@@ -158,7 +158,8 @@ def layer_memory(spec: MemorySpec) -> LayerMemory:
     if km.saves_logsumexp:
         saved.add("act_attention", FP32 * a * tokens)
     mlp_temporaries = 2 * c * tokens * f
-    attn_temporaries = eager_backward_bytes(spec) if km.materialises_scores else 3 * c * t + FP32 * t
+    # fused kernels' backward: dq, dk, dv, the fp32 dq accumulator and the fp32 rowsum of dO * O (a b s)
+    attn_temporaries = eager_backward_bytes(spec) if km.materialises_scores else 3 * c * t + FP32 * t + FP32 * a * tokens
     backward = Parts(act_mlp=mlp_temporaries) if mlp_temporaries >= attn_temporaries \
         else Parts(act_attention=attn_temporaries)
     return LayerMemory(saved_parts=saved, backward_parts=backward)
