@@ -25,7 +25,11 @@ from .errors import SweepError
 from .plan import MAX_FAILURES, SweepPlan, check_data, plan_sweep, require_gpus
 from .tuning import cluster_gpus, largest_node, local_gpus, name_trial, param_space, sweep_trainable, trial_resources
 
-CHECKPOINTS_KEPT = 2
+# Tune keeps each trial's newest checkpoint only. Not 2: Tune forces its experiment directory (each trial's
+# result.json with it) to storage every `num_to_keep` checkpoints, and a restarted trial's result.json is first
+# replaced by the copy in storage: with 2, the steps reported since the sync before the last checkpoint were lost
+# on a restart (tests/test_fault_tolerance.py). Our checkpoints are whole before Tune registers them.
+CHECKPOINTS_KEPT = 1
 
 
 def runs_locally(cfg: SweepConfig) -> bool:
