@@ -127,6 +127,16 @@ def _seq_lines(trials: pd.DataFrame):
         yield (f"{key[0]} bs{int(key[1])}" if several else str(key[0])), str(key[0]), rows
 
 
+def _bridged(measured: pd.DataFrame, guess: pd.DataFrame) -> tuple[list, list]:
+    """The predicted points in seq_len order, joined to the measured point next to them, so a line goes on dashed
+    where measurement stops (an OOM) instead of ending."""
+    points = sorted([(s, m, False) for s, m in zip(measured["seq_len"], measured["peak_mem_mib"])]
+                    + [(s, p, True) for s, p in zip(guess["seq_len"], guess["predicted_peak_mib"])])
+    keep = [i for i, (_, _, predicted) in enumerate(points) if predicted
+            or (i > 0 and points[i - 1][2]) or (i + 1 < len(points) and points[i + 1][2])]
+    return [points[i][0] for i in keep], [points[i][1] for i in keep]
+
+
 def plot_seq_len(results: SweepResults) -> tuple[str, Figure]:
     """Peak memory (left) and tokens/s (right) against seq_len per technique: measured solid, predicted dashed
     (hollow markers) where the trial measured none, OOM marked."""
@@ -143,11 +153,13 @@ def plot_seq_len(results: SweepResults) -> tuple[str, Figure]:
         measured = ok.dropna(subset=["peak_mem_mib"])
         if len(measured):
             left.plot(measured["seq_len"], measured["peak_mem_mib"], "-", marker=marker, label=legend, **style)
-        guess = rows[rows["peak_mem_mib"].isna() | (rows["status"] == "oom")].dropna(subset=["predicted_peak_mib"])
+        guess = rows[~rows.index.isin(measured.index)].dropna(subset=["predicted_peak_mib"])
         if len(guess):
             predicted_any = True
-            left.plot(guess["seq_len"], guess["predicted_peak_mib"], "--", marker=marker, mfc="none",
-                      label=f"{legend} (predicted)", **style)
+            xs, ys = _bridged(measured, guess)
+            left.plot(xs, ys, "--", **style, label=f"{legend} (predicted)")
+            left.plot(guess["seq_len"], guess["predicted_peak_mib"], "none", marker=marker, mfc="none",
+                      color=style["color"], markersize=style["markersize"])
         speed = ok.dropna(subset=["tokens_per_s"])
         if len(speed):
             right.plot(speed["seq_len"], speed["tokens_per_s"], "-", marker=marker, label=legend, **style)
@@ -165,6 +177,12 @@ def plot_seq_len(results: SweepResults) -> tuple[str, Figure]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     right.yaxis.set_major_formatter(HUMAN)
+    peaks = pd.concat([trials["peak_mem_mib"], trials["predicted_peak_mib"]]).dropna()
+    if len(peaks) and peaks.min() > 0 and peaks.max() / peaks.min() > 20:  # quadratic attention: a log scale
+        left.set_yscale("log")
+        left.set_ylim(peaks.min() / 1.5, peaks.max() * 1.5)
+        left.set_ylabel("peak memory per step (MiB, log scale)")
+    left.yaxis.set_major_formatter(HUMAN)
     if trials["status"].eq("oom").any():
         left.scatter([], [], marker="x", color="red", label="OOM")
         left.legend(fontsize=7)

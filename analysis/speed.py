@@ -111,9 +111,13 @@ def speed_verdict(trials: pd.DataFrame, min_steps: int = MIN_SPEED_STEPS) -> tup
 
 
 def _too_few(rows: pd.DataFrame, min_steps: int) -> str:
-    named = ", ".join(f"{r['label']} {int(r['speed_steps'] or 0)}" for _, r in rows.iterrows())
+    named = ", ".join(f"{r['label']} {_count(r['speed_steps'])}" for _, r in rows.iterrows())
     return (f"no speed winner: too few steady steps to rank ({named}; at least {min_steps} each needed, "
             "e.g. a longer --max-steps)")
+
+
+def _count(value) -> int:
+    return 0 if pd.isna(value) else int(value)
 
 
 def _overlap(a: pd.Series, b: pd.Series) -> bool:
