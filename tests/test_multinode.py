@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -579,7 +578,6 @@ def test_preflight_names_the_node_with_other_code_and_the_node_without_the_data(
         print(f"\npreflight on 6 nodes, 2 of them wrong, in {seconds:.1f} s (start-up included): {message}")
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
         assert message.startswith("error: the preflight check found 2 problems: "), message
-        assert f"node 192" in message or "node 127" in message
         assert re.search(rf"node \S+ \(node {skewed.node_id[:12]}\) runs memeff-sweep \S+\+code\.\w+ but the driver "
                          r"runs \S+\+code\.\w+: install the same revision on every node", message), message
         assert (f"--data {sample_dataset} does not exist on node " in message
