@@ -60,7 +60,7 @@ def plot_max_batch(results: SweepResults) -> tuple[str, Figure]:
                 ax.annotate(str(row.get("status", "error")), (x, 0), xytext=(0, 3), textcoords="offset points",
                             ha="center", fontsize=8, color="red")
             if pd.notna(row["predicted"]):
-                predicted = "predicted by the memory model"
+                predicted = "predicted by the memory model (when the search ran)"
                 ax.scatter([x], [row["predicted"]], marker="_", s=400 * width, color="black", linewidths=2,
                            zorder=5, label=None if predicted in labelled else predicted)
                 labelled.add(predicted)
