@@ -14,6 +14,13 @@ A `hint` (a predicted answer, e.g. from the analytic memory model) replaces the 
 itself when k=1); if the answer lies outside, the bracket widens geometrically away from the hint
 (the margin doubles every round, up to doubling/halving the size), then the same k-ary narrowing
 runs. The answer never depends on the hint, only the number of probes does.
+
+An `expect`ed answer e (what a scout found by searching inside one process, `probe.scout`) is confirmed
+instead: the first round probes the two sizes at the edge it claims, e + 1 first, then e (one round when
+k >= 2); a probe that disagrees starts a gallop away from the edge (1, 2, 4, ... lattice steps, k per
+round), then the same k-ary narrowing. So an exact scout costs 2 fresh probes (1 round when k >= 2), one
+off by d costs about 2 log2(d) more, and the answer is proven by fresh probes whatever the scout said:
+`scouted_search` is the whole procedure against two probes.
 """
 from __future__ import annotations
 
@@ -103,6 +110,7 @@ class MaxBatchSearch:
         parallelism: int = 1,
         hint: int | None = None,
         hint_margin: float = 0.03,
+        expect: int | None = None,
     ):
         if granularity < 1:
             raise ValueError("granularity must be >= 1")
@@ -124,6 +132,9 @@ class MaxBatchSearch:
         # A hint of 0 (nothing predicted to fit) still starts at the smallest size.
         self.hint_unit = None if hint is None else min(max(1, hint // granularity), self.max_unit)
         self.hint_margin = hint_margin
+        if expect is not None and expect < 0:
+            raise ValueError("expect must be >= 0")
+        self.expect_unit = None if expect is None else min(expect // granularity, self.max_unit)
         self.history: dict[int, Outcome] = {}  # keyed by batch size
         self.rounds = 0
 
@@ -140,7 +151,10 @@ class MaxBatchSearch:
     def steps(self) -> Generator[list[int], dict[int, Outcome], SearchResult]:
         t0 = time.perf_counter()
         try:
-            lo, hi = yield from (self._grow() if self.hint_unit is None else self._around_hint())
+            if self.expect_unit is not None:
+                lo, hi = yield from self._around_expected()
+            else:
+                lo, hi = yield from (self._grow() if self.hint_unit is None else self._around_hint())
             while hi is not None and hi - lo > 1:
                 known = yield from self._ask(_evenly_between(lo, hi, self.parallelism))
                 lo, hi = self._bracket(known)
@@ -223,6 +237,27 @@ class MaxBatchSearch:
             lo, hi = self._bracket(known)
 
 
+    def _closed(self, lo: int, hi: int | None) -> bool:
+        """The bracket has both sides (a fit below a failure, or nothing fits at 1), or fits up to the bound."""
+        return (hi is not None and (lo > 0 or hi == 1)) or (hi is None and lo >= self.max_unit)
+
+    def _around_expected(self) -> Generator[list[int], dict[int, Outcome], tuple[int, int | None]]:
+        """Probe the expected edge (e + 1, and e when k >= 2), then gallop away from a disagreement (k per round)."""
+        e, k = self.expect_unit, self.parallelism
+        known = yield from self._ask([u for u in (e + 1, e) if 1 <= u <= self.max_unit][:k])
+        lo, hi = self._bracket(known)
+        step = 1
+        while not self._closed(lo, hi):
+            if hi is None:  # everything probed fits: up from the largest fit
+                units = sorted({min(self.max_unit, lo + (step << i)) for i in range(k)})
+            else:  # everything probed below the smallest failure fails: down from it
+                units = sorted({max(1, hi - (step << i)) for i in range(k)})
+            step <<= k
+            known = yield from self._ask(units)
+            lo, hi = self._bracket(known)
+        return lo, hi
+
+
 def _spread(low: int, high: int, k: int) -> list[int]:
     """Up to k distinct integers spread evenly over [low, high], both ends included (k >= 2)."""
     if high <= low:
@@ -252,6 +287,21 @@ def search_max_batch(
         hint=hint,
         hint_margin=hint_margin,
     ).run(probe)
+
+
+def scouted_search(scout_probe: Probe, probe: Probe, *, start: int = 1, max_batch_size: int = 65536,
+                   granularity: int = 1, parallelism: int = 1, hint: int | None = None,
+                   hint_margin: float = 0.03) -> tuple[SearchResult, SearchResult]:
+    """The max-batch search with a scout: `scout_probe` (cheap, in one process, possibly wrong near the edge)
+    searches first, one probe at a time; its answer is then confirmed with `probe` (fresh processes, k per round).
+    Returns (the scout's result, the search's). The answer is the second's, proven by `probe` alone."""
+    scout = search_max_batch(scout_probe, start=start, max_batch_size=max_batch_size, granularity=granularity,
+                             hint=hint, hint_margin=hint_margin)
+    expect = scout.max_batch_size if scout.status == "ok" else None
+    fresh = MaxBatchSearch(start=start, max_batch_size=max_batch_size, granularity=granularity,
+                           parallelism=parallelism, hint=hint if expect is None else None, hint_margin=hint_margin,
+                           expect=expect).run(probe)
+    return scout, fresh
 
 
 def monotone_probe(max_fitting: int) -> Probe:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from sweep.search import Outcome, OutcomeKind, search_max_batch
+from sweep.search import MaxBatchSearch, Outcome, OutcomeKind, scouted_search, search_max_batch
 
 
 class FakeGPU:
@@ -201,3 +201,74 @@ def test_bad_hints_are_rejected():
         search_max_batch(FakeGPU(1), hint=-1)
     with pytest.raises(ValueError):
         search_max_batch(FakeGPU(1), hint=8, hint_margin=0)
+
+
+# -- a scout's answer, confirmed by fresh probes ------------------------------------------------------------
+@pytest.mark.parametrize("limit", [0, 1, 7, 129, 1240])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("off", [-40, -3, -1, 0, 1, 2, 40])
+def test_an_expected_answer_is_confirmed_or_corrected_by_fresh_probes(limit, k, off):
+    gpu = FakeGPU(limit)
+    expect = max(0, limit + off)
+    res = MaxBatchSearch(start=32, max_batch_size=4096, parallelism=k, expect=expect).run(gpu)
+    assert res.max_batch_size == limit and res.status == "ok" and not res.hit_upper_bound
+    assert res.history[limit + 1].kind is OutcomeKind.OOM and (limit == 0 or res.history[limit].kind is OutcomeKind.FITS)
+    assert all(len(r) <= k for r in gpu.rounds) and len(gpu.probed) == len(set(gpu.probed))
+    if off == 0:  # an exact scout: the pair at the edge, in one round when k >= 2
+        assert (res.probes, res.rounds) == ((1 if limit == 0 else 2), 1 if k > 1 or limit == 0 else 2)
+        assert set(gpu.rounds[0]) >= ({limit + 1, limit} - {0} if k > 1 else {limit + 1})  # e + 1 first
+    assert res.rounds <= 2 + 2 * (abs(off) + 1).bit_length()  # a gallop, then bisection: logarithmic in the miss
+
+
+@pytest.mark.parametrize("granularity", [1, 8])
+def test_an_expected_answer_respects_the_lattice_and_the_bound(granularity):
+    res = MaxBatchSearch(max_batch_size=100, granularity=granularity, parallelism=2, expect=500).run(FakeGPU(10_000))
+    assert res.max_batch_size == 100 // granularity * granularity and res.hit_upper_bound
+    res = MaxBatchSearch(max_batch_size=4096, granularity=granularity, parallelism=1, expect=99).run(FakeGPU(100))
+    assert res.max_batch_size == 100 // granularity * granularity
+
+
+class FlakyNearTheEdge:
+    """A probe that disagrees with itself near the edge: within `width` of `limit`, each probe fits or not at
+    random (seeded), as an in-process probe might after what ran before it; far from it, it is right."""
+
+    def __init__(self, limit: int, width: int, seed: int):
+        import random
+
+        self.limit, self.width, self.rng, self.probed = limit, width, random.Random(seed), []
+
+    def __call__(self, sizes: list[int]) -> dict[int, Outcome]:
+        self.probed += sizes
+        out = {}
+        for bs in sizes:
+            fits = bs <= self.limit if abs(bs - self.limit) > self.width else self.rng.random() < 0.5
+            out[bs] = Outcome.fits(10.0 * bs) if fits else Outcome.oom("CUDA out of memory")
+        return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_a_scout_that_disagrees_with_itself_never_changes_the_answer(seed, k):
+    """The scout searches in one process and may be wrong near the edge; fresh probes are right. The answer is
+    always the fresh probes' exact limit, and an exact scout needs 3 probes (scout included) in all."""
+    limit = 1240
+    scout_probe = FlakyNearTheEdge(limit, width=4, seed=seed)
+    scout, res = scouted_search(scout_probe, FakeGPU(limit), start=32, max_batch_size=100_000, parallelism=k,
+                                hint=round(limit * 0.98))
+    assert scout.status == "ok" and abs(scout.max_batch_size - limit) <= 5
+    assert res.max_batch_size == limit
+    assert res.history[limit].kind is OutcomeKind.FITS and res.history[limit + 1].kind is OutcomeKind.OOM
+    if scout.max_batch_size == limit:
+        assert 1 + res.probes == 3 and res.rounds == (2 if k == 1 else 1)
+    assert res.rounds <= 1 + 2 * 3  # off by at most 5: a short gallop, a short bisection
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fresh_probes_that_disagree_near_the_edge_still_give_a_proven_answer(seed):
+    """If even fresh probes were not repeatable near the edge, the answer is still one the probes proved:
+    it fitted, the next size up failed, and no smaller size was seen to fail."""
+    probe = FlakyNearTheEdge(700, width=3, seed=seed)
+    res = MaxBatchSearch(max_batch_size=4096, parallelism=2, expect=690).run(probe)
+    n = res.max_batch_size
+    assert res.history[n].kind is OutcomeKind.FITS and res.history[n + 1].kind is OutcomeKind.OOM
+    assert all(o.kind is OutcomeKind.FITS for bs, o in res.history.items() if bs <= n) and 700 - 4 <= n <= 700 + 3
