@@ -65,6 +65,10 @@ def prepare(cfg: SweepConfig) -> SweepPlan:
         require_gpus(plan, int(info.num_gpus), cfg.address)
     plan = replace(plan, storage=check_storage(plan.storage, info, shared=cfg.shared_storage))
     check_resources(plan)
+    if info.multi_node:  # a node with other code or without --data: one line, before any trial is scheduled
+        from .preflight import check_cluster
+
+        check_cluster(plan.data_dir)
     _say_dashboard(info, cfg.verbose)
     return plan
 

@@ -60,11 +60,12 @@ class CompileWatch:
     """Counts torch.compile work (new graphs and lazily compiled backward graphs) while active, and
     the host seconds spent in it, through dynamo's compilation callbacks.
 
-    `available` is False on a torch without those callbacks; the trial then treats the first step
-    as the compiling one.
+    `available` is False on a torch without those callbacks (the trial then treats the first step as
+    the compiling one), and when the watch is not `active`: a run that compiles nothing never imports dynamo.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, active: bool = True) -> None:
+        self.active = active  # off for runs that never compile: importing dynamo costs a trial 2-4 s of CPU
         self.events = 0
         self.seconds = 0.0
         self.available = False
@@ -72,6 +73,8 @@ class CompileWatch:
         self._handler: Any = None
 
     def __enter__(self) -> "CompileWatch":
+        if not self.active:
+            return self
         try:
             from torch._dynamo.callback import callback_handler
         except ImportError:

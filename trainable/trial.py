@@ -80,7 +80,8 @@ class _Trial:
         self.run, self.cfg, self.device, self.timeline = run, run.cfg, run.device, timeline
         self.reporter, self.snapshotter, self.checkpoint_io, self.started = reporter, snapshotter, checkpoint_io, started
         self.loss_fn = LOSSES[self.cfg.loss]
-        self.compile_watch = CompileWatch()
+        # flex compiles its own kernel on CUDA; nothing else compiles unless the compile switch is on
+        self.compile_watch = CompileWatch(active=self.cfg.compile or (run.kernel.name == "flex" and run.device.type == "cuda"))
         self.memory, self.timer = probes_for(self.device)
         self.pos = Position()
         self.phase, self.current_step, self.first_step = "setup", 1, 1
