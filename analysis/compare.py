@@ -55,7 +55,7 @@ def comparison_table(results: SweepResults) -> Table:
                source.short if source else "peak mem (MiB)", "tokens/s (GPU)", "spread", "tokens/s (wall)", "MFU",
                "compile (s)", *(["params"] if with_params else []), "attention kernel"]
     rows = [[
-        str(t["label"]), num(t["batch_size"], 0), *([num(t["seq_len"], 0)] if with_seq else []), str(t["status"]),
+        str(t["label"]), num(t["batch_size"], 0), *([num(t["seq_len"], 0, False)] if with_seq else []), str(t["status"]),
         num(t["val_ppl"], 2, False), num(t["train_time_s"], 1), num(t.get(memory), 0), num(t["tokens_per_s"], 0),
         spread_cell(t), num(t.get("wall_tokens_per_s"), 0), mfu(t["mfu"]), _compile_cell(t),
         *([params(t["num_params"])] if with_params else []), text_cell(t["attention_kernel"]),
@@ -112,7 +112,7 @@ def baseline_table(results: SweepResults) -> Table:
     savings = savings.sort_values(["batch_size", "seq_len", "label"])
     with_seq = savings["seq_len"].dropna().nunique() > 1
     rows = [[
-        str(s["label"]), str(s["batch_size"]), *([num(s["seq_len"], 0)] if with_seq else []),
+        str(s["label"]), str(s["batch_size"]), *([num(s["seq_len"], 0, False)] if with_seq else []),
         num(s["peak_mem_mib"], 0), num(s["baseline_peak_mem_mib"], 0), pct(s["memory_saving_pct"]),
         num(s["tokens_per_s"], 0), pct(s["speed_change_pct"]), num(s["val_ppl"], 2, False),
         num(s["baseline_val_ppl"], 2, False),

@@ -125,9 +125,9 @@ def seed_grid_tables(results: SweepResults) -> list[Table]:
     model = _model_line(first)
     peaks = Table(f"Seed grid predicted on {', '.join(gpus)} (peak per trial)",
                   ["trial", "kernel", "predicted peak (MiB)", *(f"fits {g}" for g in gpus)], rows,
-                  ["Predicted by the memory model for a CUDA GPU; not measured: the seed grid (baseline, bf16, flash, window, gradcp x batch 32/64/"
-                   f"128) at this sweep's model{model}. Budgets: {budgets}. fits = the predicted reserved memory "
-                   "(peak plus allocator slack) fits the budget."])
+                  [f"Predicted by the memory model for a CUDA GPU; not measured: the seed grid ({_grid_line(first)}) at "
+                   f"this sweep's model{model}. Budgets: {budgets}. fits = the predicted reserved memory (peak plus "
+                   "allocator slack) fits the budget."])
     per_technique = first.drop_duplicates(["label"])
     max_rows = [[str(r["label"]), *(num(_max_batch(seed, g, r["label"]), 0) for g in gpus)]
                 for _, r in per_technique.iterrows()]
@@ -145,6 +145,13 @@ def _fits(value) -> str:
 def _max_batch(seed: pd.DataFrame, gpu: str, label: str) -> float | None:
     rows = seed[(seed["gpu"].astype(str) == gpu) & (seed["label"] == label)]["predicted_max_batch"].dropna()
     return float(rows.iloc[0]) if len(rows) else None
+
+
+def _grid_line(rows: pd.DataFrame) -> str:
+    """`baseline, bf16, ... x batch 32/64/128`, from the rows themselves."""
+    labels = ", ".join(dict.fromkeys(map(str, rows["label"])))
+    sizes = "/".join(str(int(b)) for b in sorted(rows["batch_size"].dropna().unique()))
+    return f"{labels} x batch {sizes}" if sizes else labels
 
 
 def _model_line(rows: pd.DataFrame) -> str:

@@ -203,7 +203,8 @@ def plot_technique_comparison(results: SweepResults) -> tuple[str, Figure]:
                 ax.annotate("OOM", (x, 0), xytext=(0, 10), textcoords="offset points", ha="center",
                             color="red", fontsize=8, fontweight="bold")
             elif pd.notna(row[column]):
-                ax.annotate(f"{row[column]:,.0f}" if column == memory else short(row[column]), (x, row[column]), xytext=(0, 2), textcoords="offset points",
+                shown = f"{row[column]:,.0f}" if column == memory else short(row[column])
+                ax.annotate(shown, (x, row[column]), xytext=(0, 2), textcoords="offset points",
                             ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)

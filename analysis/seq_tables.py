@@ -63,11 +63,12 @@ def crossover(results: SweepResults) -> pd.DataFrame:
 
 def _memory_cell(row: pd.Series) -> str:
     if row["is_reference"]:
-        return "reference"
+        return "reference" + (" (OOM)" if row["status"] == "oom" else "")
     if row["reference_status"] == "oom" and row["status"] == "ok":
         return f"fits; {row['reference']} OOM"
     if row["status"] == "oom":
-        return "OOM" + (f" (needs {pct(row['memory_vs_flash_pct'])}, p)" if pd.notna(row["memory_vs_flash_pct"]) else "")
+        needs = row["memory_vs_flash_pct"]
+        return "OOM" + (f" (needs {pct(needs)}, p)" if pd.notna(needs) else "")
     return pct(row["memory_vs_flash_pct"]) + (" (p)" if row["predicted"] else "")
 
 

@@ -170,7 +170,8 @@ def stop_interrupted(trial_id: str, result: dict) -> bool:
 # A max-batch search as sweep.max_batch writes it: probe trials (KIND_KEY probe) and their records;
 # bf16_window16's search was interrupted (probes ran, no record).
 PROBES = [({"technique": "baseline", "batch_size": 4}, "ok"), ({"technique": "baseline", "batch_size": 8}, "oom"),
-          ({"technique": "flash", "batch_size": 8}, "ok"), ({"technique": "window", "window": 16, "batch_size": 4}, "ok")]
+          ({"technique": "flash", "batch_size": 8}, "ok"),
+          ({"technique": "window", "window": 16, "batch_size": 4}, "ok")]
 PROBE_ENDINGS = {config_of(s, "probe")[GRID_KEY]: ending for s, ending in PROBES}
 
 
@@ -266,6 +267,7 @@ def labelled(switches: dict) -> str:
     return config_of(switches)[GRID_KEY]
 
 
+@pytest.mark.slow
 def test_one_row_per_trial_with_statuses(results):
     trials = by_name(results)
     assert len(results.trials) == len(CASES) and results.trials["trial_id"].is_unique
@@ -286,6 +288,7 @@ def test_one_row_per_trial_with_statuses(results):
     assert GRID_KEY not in results.trials and KIND_KEY not in results.trials
 
 
+@pytest.mark.slow
 def test_numbers_match_what_trials_reported(results):
     trials = by_name(results)
     for switches, ending in CASES:
@@ -328,6 +331,7 @@ def test_numbers_match_what_trials_reported(results):
     assert trials.loc["baseline_bs4", "loss"] == "standard" and trials.loc["gradcp_bs2", "checkpointing"] == "full"
 
 
+@pytest.mark.slow
 def test_a_restarted_trial_shows_each_step_once_from_its_latest_attempt(results):
     """result.json holds steps 1..6, then 5..8 again (a worker killed after step 6 resumed from a checkpoint)."""
     trial = by_name(results).loc["bf16_bs2"]
@@ -338,6 +342,7 @@ def test_a_restarted_trial_shows_each_step_once_from_its_latest_attempt(results)
     assert trial["speed_warmup_steps"] == 2  # the first step of each process: 1 and 5
 
 
+@pytest.mark.slow
 def test_steps_is_long_format_history(results):
     steps = results.steps
     assert {"trial_id", "name", "step", "loss", "mem_step_peak_mib", "tokens_per_s", "oom", "val_ppl"} <= set(steps)
@@ -348,6 +353,7 @@ def test_steps_is_long_format_history(results):
     assert set(steps["trial_id"]) == set(results.trials["trial_id"])
 
 
+@pytest.mark.slow
 def test_a_grid_sweep_has_empty_search_and_prediction_frames_that_keep_their_columns(results):
     from analysis import PREDICTION_COLUMNS
 
@@ -360,6 +366,7 @@ def test_a_grid_sweep_has_empty_search_and_prediction_frames_that_keep_their_col
     assert results.trials["predicted_peak_mib"].isna().all()
 
 
+@pytest.mark.slow
 def test_predictions_are_joined_by_trial_name(full):
     trials = by_name(full)
     assert trials.loc["baseline_bs4", "predicted_peak_mib"] == 420.0
@@ -376,6 +383,7 @@ def test_predictions_are_joined_by_trial_name(full):
     assert cells[("baseline", "4")]["model error"] == f"{100 * (420.0 / measured - 1):+.1f}%"
 
 
+@pytest.mark.slow
 def test_loads_through_a_storage_uri(experiment_full, full):
     """A URI goes through pyarrow's filesystem, as remote storage (s3://, gs://) does."""
     from analysis import load
@@ -385,6 +393,7 @@ def test_loads_through_a_storage_uri(experiment_full, full):
     assert len(remote.steps) == len(full.steps) and len(remote.max_batch) == 2 and len(remote.predictions) == 3
 
 
+@pytest.mark.slow
 def test_loads_a_relative_path(experiment, results, monkeypatch):
     """`python -m analysis results/NAME` from the working directory, as the sweep prints it."""
     from analysis import load
@@ -395,6 +404,7 @@ def test_loads_a_relative_path(experiment, results, monkeypatch):
     assert relative.path == str(experiment.resolve())
 
 
+@pytest.mark.slow
 def test_write_report_writes_every_file(full, tmp_path):
     import os
 
@@ -450,6 +460,7 @@ def test_write_report_writes_every_file(full, tmp_path):
     assert printed.count("\n") == len(CASES) + 3 + len(table.notes)  # title, rule, header, dashes, trials, notes
 
 
+@pytest.mark.slow
 def test_where_the_memory_goes(full, tmp_path):
     """The final report's component keys land in `trials`, in the report's table and in plot 9."""
     from analysis.memory_tables import breakdown_table
@@ -482,6 +493,7 @@ def test_where_the_memory_goes(full, tmp_path):
     fig.savefig(tmp_path / name)
 
 
+@pytest.mark.slow
 def test_best_technique_names_a_speed_winner_only_beyond_noise(full):
     from analysis import SweepResults
     from analysis.compare import best_table
@@ -503,6 +515,7 @@ def test_best_technique_names_a_speed_winner_only_beyond_noise(full):
                                                          "(bf16_window16 4; at least 10 each needed")
 
 
+@pytest.mark.slow
 def test_loss_curves_name_identical_curves(results):
     """gradcp recomputes activations: its loss curve is the baseline's, and the legend says so."""
     from analysis.plots import plot_loss_curves
@@ -516,6 +529,7 @@ def test_loss_curves_name_identical_curves(results):
     assert "identical" in fig._suptitle.get_text()
 
 
+@pytest.mark.slow
 def test_tradeoff_labels_coinciding_points_once(results):
     from analysis import SweepResults
     from analysis.plots import plot_tradeoff
@@ -529,6 +543,7 @@ def test_tradeoff_labels_coinciding_points_once(results):
     assert not any(t == "bs4bs4" or t.count("bs4") > 1 for t in texts)
 
 
+@pytest.mark.slow
 def test_plots_degrade_without_windows_or_baseline(results, tmp_path):
     from analysis import SweepResults, write_report
 
@@ -543,6 +558,7 @@ def test_plots_degrade_without_windows_or_baseline(results, tmp_path):
     assert "6_memory_savings_vs_baseline.png skipped: no completed baseline trial" in text
 
 
+@pytest.mark.slow
 def test_cpu_trials_show_predicted_memory_and_say_so(results):
     """Trials that measured no GPU memory: plots 1, 3, 6 and the memory tables use the predicted CUDA peaks,
     labelled as predictions; without predictions, plot 6 gives the true reason."""
@@ -573,6 +589,7 @@ def test_cpu_trials_show_predicted_memory_and_say_so(results):
             plot(bare)
 
 
+@pytest.mark.slow
 def test_cli_runs_in_an_interpreter_that_cannot_import_the_pipeline(experiment_full, tmp_path):
     """A fresh interpreter in which importing torch, trainable, sweep or data_prep raises loads the experiment and
     writes the report: analysis reads plain files only."""
@@ -606,6 +623,7 @@ def test_not_an_experiment_is_one_line_exit_2(make_path, tmp_path, capsys):
     assert not (tmp_path / "analysis").exists()
 
 
+@pytest.mark.slow
 def test_max_batch_search_experiment(search_experiment, tmp_path):
     """Probe trials are listed (kind probe) but not compared as training runs; the report has the search's
     section with the prediction and the seeded vs unseeded cost, and plot 8 is the only plot."""
@@ -635,6 +653,7 @@ def test_max_batch_search_experiment(search_experiment, tmp_path):
     assert "| baseline | - | 1 GB | 4 |" in (tmp_path / "comparison_report.md").read_text()
 
 
+@pytest.mark.slow
 def test_combined_experiments(experiment_full, search_experiment):
     from analysis import load, load_many
 
@@ -675,6 +694,7 @@ def test_plot_max_batch_shows_every_technique_of_combined_records():
     assert "error" in [t.get_text() for t in ax.texts]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit_gb, total_mib, line", [(1.0, 1e6, True), (None, 1e6, False), (None, 1500.0, True)])
 def test_memory_plot_draws_the_limit_only_when_it_matters(results, limit_gb, total_mib, line):
     """An emulated limit is always drawn; the GPU's total only when the data reaches half of it (else the

@@ -7,6 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # a real sweep on a local Ray
 MAX_STEPS = 6
 
 
