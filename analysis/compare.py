@@ -44,8 +44,9 @@ def spread_cell(trial: pd.Series) -> str:
     return f"±{50 * (high - low) / median:.0f}%"
 
 
-def comparison_table(results: SweepResults) -> Table:
-    """Training trials side by side; a max-batch search's probes are not compared here (see `probes_table`)."""
+def comparison_table(results: SweepResults, brief: bool = False) -> Table:
+    """Training trials side by side; a max-batch search's probes are not compared here (see `probes_table`).
+    `brief`: one short note instead of the report's full notes (what a command prints at the end)."""
     training = results.training()
     trials = sorted_trials(training.trials, baseline_label(training.trials))
     source = memory_source(trials)
@@ -62,12 +63,17 @@ def comparison_table(results: SweepResults) -> Table:
     ] for _, t in trials.iterrows()]
     notes = [memory_note(source), speed_note(training.trials), THROUGHPUT_NOTE,
              "compile (s) = time of the steps during which torch.compile ran ('off': not compiled)."]
+    if brief:
+        notes = [("predicted peak: the memory model's, for a CUDA GPU (not measured). " if source and source.predicted
+                  else "") + BRIEF_NOTE]
     if trials.empty and len(results.probes):
         notes = [f"No training trials: this experiment is a max-batch search ({len(results.probes)} probe trials of "
                  "a few steps each); see 'Max batch size that fits' and 'Probe trials'."]
     return Table("Comparison", headers, rows, notes)
 
 
+BRIEF_NOTE = ("tokens/s (GPU): median over the steady steps of each step's GPU-time throughput, spread: half its "
+              "interquartile range; tokens/s (wall): what your clock saw. Every note: comparison_report.txt.")
 THROUGHPUT_NOTE = (
     "tokens/s (GPU) = median over the steady steps of each step's tokens / its GPU time (CUDA events; the step's "
     "host time on CPU); spread = half the interquartile range of those per-step figures, relative to the median; "

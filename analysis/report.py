@@ -70,8 +70,8 @@ def _model_shape(trials: pd.DataFrame) -> str:
 
 
 def format_table(results: SweepResults) -> str:
-    """The comparison table as aligned text (what the sweep prints at the end of a run)."""
-    return render_text(comparison_table(results))
+    """The comparison table as aligned text with one short note (what the sweep prints at the end of a run)."""
+    return render_text(comparison_table(results, brief=True))
 
 
 def format_max_batch_table(results: SweepResults) -> str:
