@@ -116,11 +116,15 @@ class SweepConfig:
                     raise SweepError(f"{flag.removeprefix('--').replace('-', ' ').rstrip('s')} must be a "
                                      f"positive integer, got {value}")
         for flag, value in (("--gpu-memory-gb", self.gpu_memory_gb), ("--gpu-total-gb", self.gpu_total_gb)):
-            if value is not None and not (value > 0 and math.isfinite(value)):
+            if value is not None and not math.isfinite(value):
+                raise SweepError(f"{flag} must be a finite number of GiB, got {value}")
+            if value is not None and not value > 0:
                 raise SweepError(f"{flag} must be positive, got {value}")
         for flag, value in (("--checkpoint-interval", self.checkpoint_interval), ("--max-failures", self.max_failures),
                             ("--checkpoint-minutes", self.checkpoint_minutes)):
-            if value is not None and not (value >= 0 and math.isfinite(value)):
+            if value is not None and not math.isfinite(value):
+                raise SweepError(f"{flag} must be a finite number (0: off), got {value}")
+            if value is not None and not value >= 0:
                 raise SweepError(f"{flag} must be >= 0 (0: off), got {value}")
             if value is not None and self.find_max_batch:
                 raise SweepError(f"{flag} is for sweeps: max-batch probes never checkpoint and are never retried")
@@ -130,6 +134,9 @@ class SweepConfig:
             raise SweepError("--resume continues a sweep; a max-batch search starts afresh")
         if self.gpu_memory_gb is not None and self.device == "cpu":
             raise SweepError("--gpu-memory-gb limits a CUDA GPU; it cannot be used with a CPU grid")
+        for key, value in self.overrides.items():  # the trial's own check would name a grid point, not the flag
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SweepError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
         self._validate_storage()
         return self
 

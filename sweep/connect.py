@@ -82,6 +82,7 @@ def connect(
     num_gpus: int | None = None,
     include_dashboard: bool | None = None,
     log_to_driver: bool = True,
+    quiet: bool | None = None,
 ) -> ClusterInfo:
     """Start a local Ray instance (address None or "local", RAY_ADDRESS unset) or join a running cluster.
 
@@ -89,9 +90,13 @@ def connect(
     (the GCS port, 6379 by default) or "ray://host:10001" (Ray Client). When Ray is already initialised
     in this process (tests, notebooks) that session is described and reused. `num_cpus`/`num_gpus` size
     a local instance only (with an address they raise ClusterError); `include_dashboard` applies to a local
-    instance only (a cluster's dashboard is its head's business).
+    instance only (a cluster's dashboard is its head's business). `quiet` (default: when `log_to_driver` is
+    off, as at the sweep's --verbose < 2) drops Ray's start-up banner lines (the token-authentication WARNING,
+    the "Started a local Ray instance" INFO); errors still show.
     """
     import ray
+
+    banner = {"logging_level": logging.ERROR} if (not log_to_driver if quiet is None else quiet) else {}
 
     flag = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -113,6 +118,7 @@ def connect(
                 num_gpus=num_gpus,
                 include_dashboard=include_dashboard,
                 log_to_driver=log_to_driver,
+                **banner,
             )
         except (ConnectionError, RuntimeError, OSError) as e:
             raise ClusterError(f"could not start a local Ray instance: {_first_line(e)} "
@@ -127,7 +133,7 @@ def connect(
         address = _resolve_address(address)
         _probe(typed if typed != "auto" else f"auto ({address})", address, flag=flag, ray_client=False)
     try:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, **banner)
     except ray.exceptions.AuthenticationError as e:  # Ray Client (ray://) reports refusals this way
         raise _auth_error(typed) from e
     except (ConnectionError, RuntimeError) as e:

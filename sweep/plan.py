@@ -9,6 +9,7 @@ trial). Every problem is one `SweepError` line.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,23 +130,51 @@ def plan_sweep(cfg: SweepConfig, gpus: int | None = None) -> SweepPlan:
         notice = f"notice: no GPU in the Ray cluster: running {describe_grid(grid, 'the CPU grid')}; " \
                  "use --preset seed on a GPU machine for the real sweep"
     elif preset_name == "custom" and not use_gpu and cfg.techniques is None:
-        notice = f"notice: no GPU: the grid uses the techniques a CPU runs ({', '.join(techniques)})"
+        notice = f"notice: no GPU: the grid uses the techniques a CPU runs ({', '.join(techniques)}): " \
+                 f"{describe_grid(grid, 'the custom CPU grid')}"
+    check_local_cpus(cfg)
     storage = resolve_storage(cfg.storage_path)
     name = cfg.name or default_name("max-batch" if cfg.find_max_batch else preset_name)
     check_name(name)
     plan = SweepPlan(cfg=cfg, preset_name=preset_name, grid=grid, use_gpu=use_gpu, data_dir=data_dir,
-                     storage=storage, name=name, sample=sample, notice=notice, vocab_size=preset.vocab_size)
+                     storage=storage, name=name, sample=sample, notice=notice if cfg.verbose >= 1 else None,
+                     vocab_size=preset.vocab_size)
     require_gpus(plan, gpus, cfg.address)
     check_fresh(plan.path)
     return plan
 
 
 def describe_grid(grid: list[dict[str, Any]], what: str) -> str:
-    """What will actually run, from the grid itself: trials, model, budget."""
-    p = grid[0]
-    budget = [f"{p[k]} {k.removeprefix('max_').replace('_', ' ')}" for k in BUDGET_KEYS if p.get(k)] or ["1 epoch"]
-    return (f"{what}: {len(grid)} trials, {p['n_layers']} layers x d_model {p['d_model']}, seq_len {p['seq_len']}, "
+    """What will actually run, from the grid itself: trials, model, budget (`the CPU grid: 8 trials, 2 layers x
+    d_model 64, seq_len 64, 30 steps each`); a value the points disagree on is given as its range."""
+    def span(key: str) -> str:
+        values = sorted({p[key] for p in grid if p.get(key) is not None})
+        return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+    budget = [f"{span(k)} {k.removeprefix('max_').replace('_', ' ')}" for k in BUDGET_KEYS
+              if any(p.get(k) for p in grid)] or ["1 epoch"]
+    budget = [b.replace("1 epochs", "1 epoch") for b in budget]
+    count = f"{len(grid)} trial{'s' if len(grid) != 1 else ''}"
+    return (f"{what}: {count}, {span('n_layers')} layers x d_model {span('d_model')}, seq_len {span('seq_len')}, "
             f"{' / '.join(budget)} each")
+
+
+def _runs_locally(cfg: SweepConfig) -> bool:
+    return cfg.address == "local" or (cfg.address is None and not os.environ.get("RAY_ADDRESS"))
+
+
+def check_local_cpus(cfg: SweepConfig) -> None:
+    """A local Ray instance gets this machine's CPUs: a trial asking for more would wait forever. Said before
+    Ray starts (a cluster's nodes are checked once connected)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if not cfg.cpus_per_trial or not _runs_locally(cfg) or (ray is not None and ray.is_initialized()):
+        return
+    have = os.cpu_count() or 1
+    if cfg.cpus_per_trial > have:
+        raise SweepError(f"--cpus-per-trial {cfg.cpus_per_trial}: this machine has {have} CPUs, so a local Ray "
+                         f"instance could never start such a trial (use --cpus-per-trial {have} or less)")
 
 
 def check_fresh(path: str) -> None:
@@ -195,12 +224,15 @@ def read_saved_grid(path: str) -> dict[str, Any]:
 
 
 def _validated(point: dict[str, Any]) -> dict[str, Any]:
+    """The saved point itself, once `TrialConfig` accepts it: a field added to TrialConfig since the sweep
+    started must not enter the param space, which Tune's restore requires to be the one it saved."""
     from trainable.config import TrialConfig
 
     try:
-        return TrialConfig.from_dict(point).to_dict()
+        TrialConfig.from_dict(point)
     except (ConfigError, TypeError) as exc:
         raise SweepError(f"a trial config is invalid ({exc})") from None
+    return point
 
 
 def plan_resume(cfg: SweepConfig) -> SweepPlan:
@@ -210,12 +242,46 @@ def plan_resume(cfg: SweepConfig) -> SweepPlan:
     if name is None:
         raise SweepError(f"--resume: no experiment under {storage} (pass --name of the one to resume)")
     path = experiment_path(storage, name)
-    if not is_uri(path) and not any(Path(path).glob("experiment_state-*.json")):
-        raise SweepError(f"--resume: {path} is not a Tune experiment directory")
+    state = None
+    if not is_uri(path):
+        states = sorted(Path(path).glob("experiment_state-*.json"))
+        if not states:
+            raise SweepError(f"--resume: {path} is not a Tune experiment directory")
+        state = newest_valid_state(states)
+        if state is None:
+            raise SweepError(f"--resume: every experiment_state-*.json in {path} is damaged; the sweep cannot "
+                             "resume safely (its trials' results are untouched)")
     saved = read_saved_grid(path)
-    grid = saved["grid"]
-    return SweepPlan(cfg=cfg, preset_name=str(saved.get("preset", "custom")), grid=grid,
-                     use_gpu=bool(saved.get("use_gpu")), data_dir=grid[0]["data_dir"], storage=storage, name=name)
+    grid, preset = saved["grid"], str(saved.get("preset", "custom"))
+    check_local_cpus(cfg)
+    notice = f"notice: {describe_grid(grid, f'resuming the {preset} grid')}{_progress(state, len(grid))}"
+    return SweepPlan(cfg=cfg, preset_name=preset, grid=grid, use_gpu=bool(saved.get("use_gpu")),
+                     data_dir=grid[0]["data_dir"], storage=storage, name=name,
+                     notice=notice if cfg.verbose >= 1 else None)
+
+
+def newest_valid_state(states: list[Path]) -> dict[str, Any] | None:
+    """The newest experiment_state-*.json that parses as Tune's state (Tune resumes from the newest file;
+    orchestrate sets a damaged newer one aside), or None when none does."""
+    for path in reversed(states):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and isinstance(state.get("trial_data"), list):
+            return state
+    return None
+
+
+def _progress(state: dict[str, Any] | None, total: int) -> str:
+    """`; 3 finished, 5 to run` from Tune's saved state ('' when unknown: a storage URI)."""
+    if state is None:
+        return ""
+    try:
+        finished = sum(json.loads(trial)["status"] == "TERMINATED" for trial, _ in state["trial_data"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return f"; {finished} finished, {total - finished} to run"
 
 
 def check_data(plan: SweepPlan, verify: str = "full") -> None:

@@ -272,39 +272,6 @@ def predict_grid(cfg) -> GridPrediction:
     return GridPrediction(predict_points(grid, budget, granularity=cfg.granularity), budget, vocab, vocab_source)
 
 
-# -- output --------------------------------------------------------------------------------------
-
-TABLE_COLUMNS = {  # header -> row key
-    "trial": "trial", "kernel": "kernel", "batch": "batch_size", "window": "window", "vocab": "vocab_size",
-    "peak_mib": "predicted_peak_mib", "reserved_mib": "predicted_reserved_mib", "peak_phase": "phase",
-    "fits": "fits", "max_batch": "predicted_max_batch",
-}
-
-
-COMPILE_NOTE = ("compiled configs (*_compile): torch.compile is not modelled; they show the eager step's memory, an "
-                "upper bound (on an H200, compile cut bf16_flash_bs128's peak by 42%).")
-
-
-def format_prediction(prediction: GridPrediction) -> str:
-    """An aligned table with the budget and vocabulary it assumes."""
-    from contract.table import render_rows
-
-    columns = dict(TABLE_COLUMNS)
-    if any(r["error"] for r in prediction.rows):
-        columns["error"] = "error"
-    rows = [{h: r.get(k) for h, k in columns.items()} for r in prediction.rows]
-    return "\n".join([
-        f"budget: {prediction.budget.source}",
-        f"vocab:  {prediction.vocab_size} ({prediction.vocab_source})",
-        "",
-        render_rows(rows),
-        "",
-        "peak_mib predicts max_memory_allocated; reserved_mib adds the allocator allowance and must fit the budget;",
-        "max_batch: the largest batch size predicted to fit (an estimate: --find-max-batch measures it).",
-        *([COMPILE_NOTE] if any(r.get("upper_bound") for r in prediction.rows) else []),
-    ])
-
-
 # -- what the sweep says before it runs -------------------------------------------------------------
 
 
@@ -317,10 +284,6 @@ def trial_budget(cfg, local_mib: float | None) -> MemoryBudget:
     local = None if (cfg.gpu or cfg.gpu_total_gb) else local_mib
     return memory_budget(cfg.gpu_memory_gb, gpu=cfg.gpu, gpu_total_gb=cfg.gpu_total_gb, total_mib=local,
                          total_source=f"this node's GPU ({local:.0f} MiB, nvidia-smi)" if local else None)
-
-
-def _dataset_vocab(data_dir: str) -> int:
-    return dataset_shape(data_dir)[0]
 
 
 def predicted_oom_notice(plan, local_mib: float | None) -> str | None:
@@ -340,7 +303,7 @@ def predicted_oom_notice(plan, local_mib: float | None) -> str | None:
         budget = trial_budget(cfg, local_mib)
     except SweepError:
         return None
-    vocab = _dataset_vocab(plan.data_dir)
+    vocab = dataset_shape(plan.data_dir)[0]
     rows = predict_points([{**point, "vocab_size": vocab} for point in plan.grid], budget)
     over = [f"{row['trial']} (~{row['predicted_reserved_mib'] / 1024:.1f} GiB)" for row in rows
             if row["error"] is None and row["fits"] is False and not row["upper_bound"]]
@@ -358,7 +321,7 @@ def search_hints(plan, local_mib: float | None) -> tuple[dict[str, dict[str, Any
         budget = trial_budget(plan.cfg, local_mib)
     except SweepError as exc:
         return {}, f"note: no predicted max batch ({exc}); searching unseeded"
-    vocab = _dataset_vocab(plan.data_dir)
+    vocab = dataset_shape(plan.data_dir)[0]
     hints: dict[str, dict[str, Any]] = {}
     for point in plan.grid:
         row = predict_point({**point, "vocab_size": vocab, "batch_size": 1}, budget, granularity=1)
@@ -380,7 +343,7 @@ def prediction_rows_for(plan) -> dict[str, Any]:
 
     from .grid import PRESETS
 
-    vocab = _dataset_vocab(plan.data_dir)
+    vocab = dataset_shape(plan.data_dir)[0]
     cuda_grid = [{**p, "device": "cuda", "vocab_size": vocab, "gpu_memory_gb": None} for p in plan.grid]
     budget = trial_budget(plan.cfg, local_gpu_total_mib())
     trials = predict_points(cuda_grid, budget)
@@ -403,25 +366,26 @@ def prediction_rows_for(plan) -> dict[str, Any]:
             "seed_grid": [{**{k: r.get(k) for k in keep}, "gpu": r["gpu"]} for r in seed_rows]}
 
 
-def dry_run_rows(plan) -> tuple[list[list[str]], str]:
-    """`--dry-run`'s table: each trial with the memory model's predicted CUDA peak, and the budget's source."""
-    from contract.table import cell
+def dry_run_rows(plan) -> tuple[list[dict[str, Any]], str]:
+    """`--dry-run`'s rows: each trial with the memory model's predicted CUDA peak, and what it assumed.
 
-    vocab = _dataset_vocab(plan.data_dir) if plan.sample is None else None
+    A CPU trial's peak is what the same step would take on the GPU (`fits` is then None: CPU memory is not
+    what the model predicts); a technique the model does not cover says so."""
+    vocab = dataset_shape(plan.data_dir)[0] if plan.sample is None else plan.sample[1]
     budget = trial_budget(plan.cfg, local_gpu_total_mib())
+    predicted = predict_points([{**p, "device": "cuda", "vocab_size": vocab, "gpu_memory_gb": None}
+                                for p in plan.grid], budget)
     rows = []
-    predicted = predict_points([{**p, "device": "cuda", "vocab_size": vocab or 1024, "gpu_memory_gb": None}
-                                for p in plan.grid], budget) if plan.grid else []
-    for point, name, row in zip(plan.grid, grid_names(plan.grid), predicted):
+    for point, row in zip(plan.grid, predicted):
         peak = row["predicted_peak_mib"]
-        rows.append([name, str(point["device"]), str(point["batch_size"]), str(point["seq_len"]),
-                     f"{peak:,.0f}" + (" (upper bound)" if row["upper_bound"] else "") if peak is not None else "-",
-                     cell(row["fits"])])
-    vocab_note = f"vocab {vocab}" if vocab else "vocab 1024, the sample's (prepared on the first run)"
-    return rows, f"{vocab_note}; budget {budget.source}"
+        rows.append({"trial": row["trial"], "device": point["device"], "batch": point["batch_size"],
+                     "seq_len": point["seq_len"],
+                     "predicted peak (MiB)": "not modelled" if peak is None else
+                     f"{peak:,.0f}" + (" (upper bound)" if row["upper_bound"] else ""),
+                     "fits": None if point["device"] == "cpu" else row["fits"]})
+    where = "" if plan.sample is None else ", the shipped sample's (prepared on the first run)"
+    return rows, f"vocab {vocab}{where}; budget {budget.source}"
 
 
-__all__ = ["DEFAULT_GPU", "DEFAULT_VOCAB", "GPU_TOTAL_MIB", "GridPrediction", "MemoryBudget", "format_prediction",
-           "local_gpu_total_mib", "memory_budget", "predict_grid", "predict_point", "predict_points",
-           "predicted_max_batch", "predicted_oom_notice", "prediction_grid", "resolve_vocab", "search_hints",
-           "trial_budget"]
+__all__ = ["GridPrediction", "MemoryBudget", "memory_budget", "predict_grid", "predict_point",
+           "predict_points", "predicted_max_batch", "predicted_oom_notice", "search_hints", "trial_budget"]

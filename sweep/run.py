@@ -1,6 +1,7 @@
 """`python -m sweep.run`: the technique x window x batch-size sweep (or the max-batch search) on Ray Tune.
 
     python -m sweep.run                          # default grid for this machine, shipped sample data
+    python -m sweep.run --dry-run                # the trials it would run, each with its predicted peak memory
     python -m sweep.run --preset seed            # the seed's 18 experiments (needs GPUs)
     python -m sweep.run --preset seed-report --data DIR   # the seed report's model and table (GPT-2 vocabulary)
     python -m sweep.run --techniques bf16 window --windows 16 32 --batch-sizes 16 32 --max-steps 200
@@ -9,18 +10,29 @@
     python -m sweep.run --predict --gpu-memory-gb 24 --vocab-size 50257   # predicted peak + max batch, no GPU
     python -m sweep.run --resume --name seed-20250101-120000
 
+Output (--verbose): 0 prints errors and the final table only; 1 (the default) adds one line per trial start,
+finish, OOM, NaN or error (step, loss, peak memory, tokens/s) and the dashboard's address; 2 gives Ray Tune's
+own output back (its configuration and result boxes, every INFO line).
+
 Fault tolerance: every trial snapshots its full state (model, optimizer, scheduler, data position, RNG) every
 --checkpoint-minutes in the background, and a trial that fails (a killed worker, a lost node) restarts from its
 latest snapshot up to --max-failures times, reproducing the uninterrupted run; an interrupted driver (Ctrl-C)
-continues with --resume. Every trial setting (model size, budget, optimizer) is a flag of its own below.
+prints the --resume command that continues it. Every trial setting (model size, budget, optimizer) is a flag of
+its own below. Live metrics and the dashboard: docs/dashboard.md.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from contract.cli import OneLineParser, add_config_arguments, given
+from contract.experiment import GRID_KEY
+from contract.io import is_uri
 
 from .config import SweepConfig
 
@@ -51,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_argument_group(title)
         sweep_fields += add_config_arguments(group, SweepConfig, only=names)
         if title == "grid":
-            group.add_argument("--dry-run", action="store_true", help="validate and list the trials, run nothing")
+            group.add_argument("--dry-run", action="store_true",
+                               help="validate, then list the trials with their predicted peak memory; runs nothing")
         if title.startswith("prediction"):
             group.add_argument("--predict", action="store_true",
                                help="print every config's predicted peak memory and max batch size, run nothing")
@@ -89,11 +102,41 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[SweepConfig, ar
     return cfg, args
 
 
+# -- modes that run nothing -------------------------------------------------------------------------------
+PREDICT_COLUMNS = {  # header -> prediction row key
+    "trial": "trial", "kernel": "kernel", "batch": "batch_size", "window": "window", "vocab": "vocab_size",
+    "peak_mib": "predicted_peak_mib", "reserved_mib": "predicted_reserved_mib", "peak_phase": "phase",
+    "fits": "fits", "max_batch": "predicted_max_batch",
+}
+COMPILE_NOTE = ("compiled configs (*_compile): torch.compile is not modelled; they show the eager step's memory, an "
+                "upper bound (on an H200, compile cut bf16_flash_bs128's peak by 42%).")
+
+
+def format_prediction(prediction) -> str:
+    """`--predict`'s aligned table with the budget and vocabulary it assumes."""
+    from contract.table import render_rows
+
+    columns = dict(PREDICT_COLUMNS)
+    if any(r["error"] for r in prediction.rows):
+        columns["error"] = "error"
+    rows = [{h: r.get(k) for h, k in columns.items()} for r in prediction.rows]
+    return "\n".join([
+        f"budget: {prediction.budget.source}",
+        f"vocab:  {prediction.vocab_size} ({prediction.vocab_source})",
+        "",
+        render_rows(rows),
+        "",
+        "peak_mib predicts max_memory_allocated; reserved_mib adds the allocator allowance and must fit the budget;",
+        "max_batch: the largest batch size predicted to fit (an estimate: --find-max-batch measures it).",
+        *([COMPILE_NOTE] if any(r.get("upper_bound") for r in prediction.rows) else []),
+    ])
+
+
 def print_prediction(cfg: SweepConfig, as_json: bool) -> int:
     """`--predict`: everything is computed before the first line is printed (no half output)."""
     import json
 
-    from .predict import format_prediction, predict_grid
+    from .predict import predict_grid
 
     cfg.validate()
     prediction = predict_grid(cfg)
@@ -105,9 +148,14 @@ def print_prediction(cfg: SweepConfig, as_json: bool) -> int:
     return 0
 
 
+def _trials(n: int) -> str:
+    return f"{n} trial{'s' if n != 1 else ''}"
+
+
 def print_dry_run(cfg: SweepConfig) -> int:
-    """`--dry-run`: the trials that would run, with the memory model's predicted peak each; nothing runs."""
-    from contract.table import render
+    """`--dry-run`: what would run and where, with the memory model's predicted peak per trial; nothing runs,
+    nothing is written (the shipped sample is not even prepared)."""
+    from contract.table import render_rows
 
     from .orchestrate import known_gpus
     from .plan import check_data, plan_sweep
@@ -116,31 +164,82 @@ def print_dry_run(cfg: SweepConfig) -> int:
     plan = plan_sweep(cfg, known_gpus(cfg))
     if plan.sample is None:
         check_data(plan, verify="full")
-    rows, budget = dry_run_rows(plan)
-    print(f"{len(plan.grid)} trials ({plan.preset_name} grid) -> {plan.path}")
-    print(render(["trial", "device", "batch", "seq_len", "predicted peak (MiB)", "fits"], rows))
-    print(f"predicted peak: the memory model's max_memory_allocated of one step on CUDA ({budget})")
+    rows, assumed = dry_run_rows(plan)
+    lines = [f"dry run: {_trials(len(plan.grid))} ({plan.preset_name} grid) -> {plan.path}; nothing runs"]
+    lines += [plan.notice] if plan.notice else []
+    lines += [render_rows(rows), ""]
+    if any(r["fits"] is None and r["device"] == "cpu" for r in rows):
+        lines.append("predicted peak: what one training step would allocate on a CUDA GPU (the memory model); these "
+                     "trials run on the CPU, whose memory is not measured")
+    else:
+        lines.append("predicted peak: the memory model's max_memory_allocated of one step; fits: its reserved "
+                     "memory fits the budget")
+    lines.append(f"assumed: {assumed}")
+    print("\n".join(lines))
     return 0
 
 
+# -- a run ------------------------------------------------------------------------------------------------
+def _finished(result) -> bool:
+    return result.error is not None or (result.metrics or {}).get("final") is True
+
+
+def incomplete(plan, results) -> list[str]:
+    """Grid trials without a final report or an error, including those Tune had not created yet."""
+    done = {str((r.config or {}).get(GRID_KEY)) for r in results if _finished(r)}
+    return [name for name in plan.names if name not in done]
+
+
+def event_files_exist(path: str) -> bool:
+    """Whether any trial of the experiment wrote TensorBoard event files (Tune does when tensorboardX is there)."""
+    if not is_uri(path):
+        return any(Path(path).glob("*/events.out.tfevents.*"))
+    import pyarrow.fs
+
+    try:
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
+    except (OSError, ValueError):
+        return False
+    return any(Path(i.path).name.startswith("events.out.tfevents.") for i in infos)
+
+
+def tensorboard_line(path: str) -> str | None:
+    """The command that opens the experiment in TensorBoard; None when no event files were written."""
+    if not event_files_exist(path):
+        return None
+    shown = path
+    if not is_uri(path) and Path(path).resolve().is_relative_to(Path.cwd().resolve()):
+        shown = os.path.relpath(path)
+    hint = "" if shutil.which("tensorboard") else "   (the viewer: pip install -e '.[tensorboard]')"
+    return f"TensorBoard: tensorboard --logdir {shlex.quote(shown)}{hint}"
+
+
 def _run(cfg: SweepConfig) -> int:
-    from .orchestrate import find_max_batch_size, incomplete_trials, prepare, resume_command, results_table, run_sweep
+    from .orchestrate import find_max_batch_size, prepare, resume_command, results_table, run_sweep
 
     plan = prepare(cfg)
+    from .progress import quiet_tune  # imports Ray Tune: only once the sweep is known to be good
+
+    quiet_tune(cfg.verbose)
     if cfg.find_max_batch:
         records, path = find_max_batch_size(cfg, plan)
         print("\n" + results_table(path))
-        print(f"\nresults: {path}/max_batch.json")
+        if cfg.verbose >= 1:
+            print(f"\nresults: {path}/max_batch.json")
         return 1 if any(r["status"] == "error" for r in records) else 0
     results, path = run_sweep(cfg, plan)
-    stopped = incomplete_trials(results)
+    stopped = incomplete(plan, results)
     if stopped:
-        print(f"interrupted: {len(stopped)} of {len(results)} trials incomplete ({', '.join(stopped)}); "
+        print(f"interrupted: {len(stopped)} of {_trials(len(plan.names))} incomplete ({', '.join(stopped)}); "
               f"continue with: {resume_command(cfg, plan)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print("\n" + results_table(path))
-    print(f"\nresults: {path}")
-    print(f"TensorBoard: tensorboard --logdir {path}   (pip install 'memeff-sweep[tensorboard]')")
+    if cfg.verbose >= 1:
+        print(f"\nresults: {path}")
+        board = tensorboard_line(path)
+        if board:
+            print(board)
     errored = sum(r.error is not None for r in results)
     if errored:
         print(f"{errored} trial(s) failed; see the error column above and {path}", file=sys.stderr)

@@ -81,6 +81,23 @@ def sweep_trainable(config: dict[str, Any]) -> None:
     return tune_trainable({k: v for k, v in config.items() if k not in SWEEP_KEYS})
 
 
+class NamedActor:
+    """Mixed into Tune's class for `sweep_trainable`: its Ray actor is named after the trial.
+
+    The dashboard (and `ray.util.state.list_actors()`'s `repr_name`) shows an actor's `repr()`, taken once
+    its constructor has run; Tune's function trainable returns the function's name, so every trial would read
+    `sweep_trainable`. The constructor runs `setup(config)` with the trial's Tune config, which holds the
+    name the grid gave it (GRID_KEY). With --reuse-actors a reused actor keeps its first trial's name.
+    """
+
+    def setup(self, config: dict[str, Any]) -> None:
+        self._name = str(config.get(GRID_KEY) or self._name)  # ImplicitFunc.__repr__ returns self._name
+        super().setup(config)
+
+
+sweep_trainable.__mixins__ = (NamedActor,)  # Tune's wrap_function puts these before FunctionTrainable
+
+
 def name_trial(trial) -> str:
     """Tune naming hook: the name the grid gave the point (trial name and directory)."""
     return str(trial.config.get(GRID_KEY) or f"trial_{trial.trial_id}")

@@ -121,12 +121,20 @@ def inputs(sample_dataset, tmp_path_factory) -> dict[str, Path]:
     escaping, _ = _copy_dataset(sample_dataset, base / "escaping")
     manifest["splits"]["train"]["shards"][0].update(path="../x", sha256="0" * 64)
     (escaping / "manifest.json").write_text(json.dumps(manifest))
+    # rows 200-: experiments that cannot be resumed (or reused)
+    bad_grid = base / "bad_grid_store" / "exp"
+    bad_grid.mkdir(parents=True)
+    (bad_grid / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [], "runner_data": {}}')
+    (bad_grid / "sweep_grid.json").write_text("{not json")
+    bad_state = base / "bad_state_store" / "exp"
+    bad_state.mkdir(parents=True)
+    (bad_state / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [')
     return {"DATA": data, "TRUNCATED": truncated, "CORRUPTED": corrupted, "NEWER": newer,
             "EMPTY_DIR": base / "empty_dir", "EMPTY_TXT": base / "empty.txt", "BAD_UTF8": base / "bad_utf8.txt",
             "NONEMPTY": base / "nonempty", "NOT_TUNE": base / "not_tune",
             "FOREIGN": foreign, "DATA_PLUS": data_plus, "CUT_ZST": base / "cut.jsonl.zst",
             "DAMAGED_ZST": base / "damaged.jsonl.zst", "FIFO": base / "fifo.jsonl", "NO_SHA256": no_sha256,
-            "ESCAPING": escaping}
+            "ESCAPING": escaping, "BAD_GRID_STORE": bad_grid.parent, "BAD_STATE_STORE": bad_state.parent}
 
 
 def _placeholders(inputs: dict[str, Path], case_dir: Path) -> dict[str, str]:
