@@ -1,20 +1,24 @@
-"""The OOM-aware max-batch-size search on Ray Tune: every probe is its own trial process.
+"""The OOM-aware max-batch-size search on Ray Tune: every probe is a trial, trained in a fresh process.
 
 One Tune experiment holds every probe (so the dashboard and `analysis.load` see them as trials);
-a Tune `Searcher` drives `search.MaxBatchSearch` for each technique in turn: it hands out one round
-of k probes (k = GPUs), waits for all of them, classifies each (fits / OOM / error) and asks the
-search for the next round. `reuse_actors=False` gives every probe a fresh process, so allocator
-state after an OOM never biases the next probe. Records go to STORAGE/NAME/max_batch.json
-(Contract 3), rewritten after every finished technique.
+a Tune `Searcher` drives the search for each technique in turn, in rounds of k probes (k = GPUs): it
+waits for all of a round, classifies each (fits / OOM / error) and asks the search for the next round.
 
-A probe costs a whole trial process (worker start, CUDA init, a few steps: ~12-15 s on an H200),
-so each search is seeded with the memory model's predicted max batch (`hints`) and starts next to
-the answer. Every record also says what the unseeded search would have cost, replayed against the
-outcomes the found answer implies (no extra probe), so the saving is measured, not assumed.
+Each technique's first probe is a *scout* (`probe.scout`): one fresh process that runs the whole search
+inside itself, seeded with the memory model's predicted max batch (`hints`) when there is one, each
+in-process probe a few steps, no process start. Its answer is then confirmed by fresh-process probes
+(`search.MaxBatchSearch(expect=...)`): the pair at its edge, then a gallop and a bisection if either
+disagrees. So an exact scout costs 3 probes; the answer is always what fresh processes proved, so
+allocator state after an OOM never biases it. Every probe trains in a fork of a server in its Tune
+worker (`probe.ProbeServer`): a fresh process without a process start; the workers are reused
+(`reuse_actors`) to keep their servers. Records go to STORAGE/NAME/max_batch.json (Contract 3), rewritten
+after every finished technique. Every record also says what the unseeded search without a scout would
+have cost, replayed against the outcomes the found answer implies (no extra probe).
 """
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +31,11 @@ from contract.io import write_json_atomic
 from contract.techniques import technique_label
 
 from .grid import trial_name
-from .probe import MaxBatchSettings, classify_probe, probe_config
+from .probe import SCOUT_KEY, MaxBatchSettings, classify_probe, probe_config, probe_trainable
 from .search import MaxBatchSearch, Outcome, SearchResult, replay_search
-from .tuning import experiment_path, name_trial, sweep_trainable
+from .tuning import experiment_path, name_trial
+
+_SCOUT = -1  # a pending probe that is the technique's scout
 
 @dataclass
 class _Target:
@@ -62,6 +68,9 @@ class MaxBatchSearcher(Searcher):
         self._in_flight: dict[str, int] = {}  # trial_id -> batch size
         self._done: dict[str, tuple[dict | None, bool]] = {}  # trial_id -> (last result, errored)
         self._peaks: dict[str, float] = {}
+        self._scout_trial: str | None = None  # the running scout's trial id
+        self._scouted: dict[str, Any] | None = None  # the current technique's scout result, once it ran
+        self._t0 = time.perf_counter()
         self._next_target()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -72,21 +81,34 @@ class MaxBatchSearcher(Searcher):
 
     # -- search driving --------------------------------------------------------------------------
     def _next_target(self) -> None:
-        """Start the next technique's search (skipping ones that need no probe)."""
-        while True:
-            self._index += 1
-            if self._index >= len(self.targets):
-                self._steps = None
-                return
-            hint = self.targets[self._index].hint
-            self._search = MaxBatchSearch(**self._search_settings(),
-                                          hint=hint["max_batch"] if hint else None)
-            self._steps = self._search.steps()
-            try:
-                self._pending = list(next(self._steps))
-                return
-            except StopIteration as done:
-                self._finish(done.value)
+        """Start the next technique's search: its scout, or its first round of fresh probes."""
+        self._index += 1
+        if self._index >= len(self.targets):
+            self._steps = None
+            return
+        self._t0, self._scouted = time.perf_counter(), None
+        if self.settings.scout:
+            self._steps, self._pending = iter(()), [_SCOUT]
+            return
+        self._start_fresh(None)
+
+    def _start_fresh(self, expect: int | None) -> None:
+        """The fresh-probe search of the current technique: confirming `expect` (the scout's answer), else
+        seeded with the predicted max batch, else growing from --start."""
+        hint = self.targets[self._index].hint
+        self._steps = MaxBatchSearch(**self._search_settings(), hint=hint["max_batch"] if hint and expect is None
+                                     else None, expect=expect).steps()
+        try:
+            self._pending = list(next(self._steps))
+        except StopIteration as done:
+            self._finish(done.value)
+            self._next_target()
+
+    def _scout_spec(self) -> dict[str, Any]:
+        hint = self.targets[self._index].hint
+        s = self.settings
+        return {"start": s.start, "max_batch_size": s.max_batch_size, "granularity": s.granularity,
+                "probe_steps": s.probe_steps, "hint": hint["max_batch"] if hint else None}
 
     def _search_settings(self) -> dict[str, int]:
         s = self.settings
@@ -97,15 +119,16 @@ class MaxBatchSearcher(Searcher):
         target = self.targets[self._index]
         unseeded = (replay_search(res.max_batch_size, **self._search_settings())
                     if res.status == "ok" and res.max_batch_size is not None else None)
+        scouted = int(self._scouted is not None)  # the scout is a probe and a round of its own
         record = {
             "label": target.label,
             "technique": target.preset,
             "window": target.window,
             "max_batch_size": res.max_batch_size,
             "peak_mem_mib": res.peak_mem_mib,
-            "probes": res.probes,
-            "rounds": res.rounds,
-            "wall_time_s": round(res.wall_time_s, 3),
+            "probes": res.probes + scouted,
+            "rounds": res.rounds + scouted,
+            "wall_time_s": round(time.perf_counter() - self._t0, 3),
             "gpu_memory_gb": target.base.get("gpu_memory_gb"),
             "status": res.status,
             "error": res.error,
@@ -129,6 +152,9 @@ class MaxBatchSearcher(Searcher):
 
     def _round_complete(self) -> None:
         """Classify the finished round and advance the search (possibly to the next technique)."""
+        if self._scout_trial is not None:
+            self._scout_done()
+            return
         outcomes: dict[int, Outcome] = {}
         for trial_id, bs in self._in_flight.items():
             result, errored = self._done[trial_id]
@@ -140,6 +166,24 @@ class MaxBatchSearcher(Searcher):
         except StopIteration as done:
             self._finish(done.value)
             self._next_target()
+
+    def _scout_done(self) -> None:
+        """Confirm the scout's answer with fresh probes (or, when it found none, search as without a scout)."""
+        trial_id, self._scout_trial = self._scout_trial, None
+        result, errored = self._done[trial_id]
+        self._in_flight.clear()
+        result = result or {}
+        error = self.errors.get(trial_id) if errored else None
+        self._scouted = {"max_batch": result.get("scout_max_batch"), "error": result.get("scout_error") or error}
+        expect = result.get("scout_max_batch") if not errored else None
+        self._start_fresh(int(expect) if isinstance(expect, (int, float)) and not isinstance(expect, bool) else None)
+
+    def _suggest_scout(self, trial_id: str) -> dict[str, Any]:
+        spec = self._scout_spec()
+        first = min(spec["hint"] or spec["start"], spec["max_batch_size"])  # where the scout's search begins
+        config = probe_config(self.targets[self._index].base, max(first, 1), spec["probe_steps"])
+        self._scout_trial, self._in_flight[trial_id] = trial_id, config["batch_size"]
+        return {**config, SCOUT_KEY: spec, GRID_KEY: trial_name(config, kind="probe") + "_scout", KIND_KEY: "probe"}
 
     # -- Searcher API ------------------------------------------------------------------------------
     def save(self, checkpoint_path: str) -> None:
@@ -163,6 +207,8 @@ class MaxBatchSearcher(Searcher):
         if not self._pending:
             return None  # wait for the round to finish
         bs = self._pending.pop(0)
+        if bs == _SCOUT:
+            return self._suggest_scout(trial_id)
         self._in_flight[trial_id] = bs
         config = probe_config(self.targets[self._index].base, bs, self.settings.probe_steps)
         return {**config, GRID_KEY: trial_name(config, kind="probe"), KIND_KEY: "probe"}
@@ -222,6 +268,10 @@ def run_max_batch_search(
     `hints`: technique label -> {"max_batch": predicted answer, "budget_mib": ...}; a technique with a
     hint starts its search there (see `search.MaxBatchSearch`), one without grows from `settings.start`.
     """
+    import logging
+
+    # A scout's outcome list is not a scalar TensorBoard can plot: Tune would warn about it on every scout.
+    logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
     out_file = f"{experiment_path(storage, name)}/{MAX_BATCH_FILE}"
     searcher_box: list[MaxBatchSearcher] = []
 
@@ -231,13 +281,13 @@ def run_max_batch_search(
     searcher = MaxBatchSearcher(max_batch_targets(grid), settings, on_record=save, hints=hints)
     searcher_box.append(searcher)
     tuner = tune.Tuner(
-        tune.with_resources(sweep_trainable, resources),
+        tune.with_resources(probe_trainable, resources),
         param_space={},
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             num_samples=-1,
             max_concurrent_trials=settings.parallelism,
-            reuse_actors=False,
+            reuse_actors=True,  # a worker keeps its probe server; every probe still trains in a fresh fork
             trial_name_creator=name_trial,
             trial_dirname_creator=name_trial,
         ),

@@ -9,7 +9,7 @@ import pytest
 from sweep import SweepConfig, classify_probe, find_max_batch_size
 from sweep.search import OutcomeKind
 
-from contract.experiment import MAX_BATCH_RECORD_KEYS
+from contract.experiment import GRID_KEY, KIND_KEY, MAX_BATCH_RECORD_KEYS
 
 CONTRACT3_FIELDS = set(MAX_BATCH_RECORD_KEYS)
 
@@ -46,7 +46,8 @@ def test_reported_outcomes():
 
 
 def test_cpu_search_end_to_end(ray_local, sample_dataset, tmp_path):
-    """On CPU nothing runs out of memory: the search must climb to the --max bound, one trial per probe."""
+    """On CPU nothing runs out of memory: the search must climb to the --max bound. The scout climbs inside one
+    process (1, 2, 3), then one fresh probe confirms 3; every probe trains in a fresh fork of a reused worker."""
     import analysis
 
     cfg = SweepConfig(techniques=("baseline",), device="cpu", data_dir=str(sample_dataset), start=1, max_batch=3,
@@ -59,39 +60,61 @@ def test_cpu_search_end_to_end(ray_local, sample_dataset, tmp_path):
     assert rec["label"] == "baseline" and rec["technique"] == "baseline" and rec["status"] == "ok"
     assert rec["error"] is None
     assert rec["max_batch_size"] == 3 and rec["hit_upper_bound"]
-    assert rec["probes"] == 3 and rec["rounds"] == 2  # {1, 2} then {3}: two probes per round
+    assert rec["probes"] == 2 and rec["rounds"] == 2  # the scout, then a fresh probe at its answer
+    assert rec["outcomes"] == {"3": "fits"}  # what fresh processes proved
     assert json.loads((Path(path) / "max_batch.json").read_text()) == records
 
     loaded = analysis.load(path)
-    assert sorted(loaded.trials["batch_size"]) == [1, 2, 3]
+    assert sorted(loaded.trials["batch_size"]) == [1, 3]  # the scout's config starts it at --start
     assert set(loaded.trials["status"]) == {"ok"}
     assert loaded.max_batch["max_batch_size"].tolist() == [3]
-    pids = {s["pid"] for s in (json.loads(line) for d in Path(path).glob("probe_*")
-                                for line in (d / "result.json").read_text().splitlines())}
-    assert len(pids) == 3  # every probe ran in a fresh process (reuse_actors=False)
+    reports = {d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+               for d in Path(path).glob("probe_*")}
+    (scout,) = reports["probe_baseline_bs1_scout"]
+    assert scout["scout_max_batch"] == 3 and [o[:2] for o in scout["scout_outcomes"]] == [
+        [1, "fits"], [2, "fits"], [3, "fits"]] and scout["scout_error"] is None
+    fresh = reports["probe_baseline_bs3"]
+    assert [r["step"] for r in fresh] == [1, 2] and fresh[-1]["final"] is True
+    # each probe trained in its own process, a child of its Tune worker (Tune's pid), which was reused
+    assert fresh[-1]["process_id"] != scout["process_id"] and fresh[-1]["process_trials_before"] == 0
+    assert fresh[-1]["process_id"] != fresh[-1]["pid"] and scout["process_trials_before"] == 2
+    assert fresh[-1]["pid"] == scout["pid"]
 
 
-def _drive(searcher, limit: int) -> None:
-    """Play Tune's part: hand out every trial the searcher suggests, answer like a GPU that fits up to `limit`."""
+def _drive(searcher, limit: int, scout_off: int = 0) -> list[list[int]]:
+    """Play Tune's part: hand out every trial the searcher suggests, answer like a GPU that fits up to `limit`
+    (a scout, searching in one process, finds `limit + scout_off`). Returns the batch sizes of each round."""
     from ray.tune.search import Searcher
 
-    n = 0
+    from sweep.probe import SCOUT_KEY
+
+    n, rounds = 0, []
     while True:
         round_ = []
         while (config := searcher.suggest(f"t{n}")) not in (None, Searcher.FINISHED):
-            round_.append((f"t{n}", config["batch_size"]))
+            round_.append((f"t{n}", config))
             n += 1
         if config == Searcher.FINISHED:
-            return
+            return rounds
         assert round_, "the searcher waits for nothing"
-        for trial_id, bs in round_:
-            result = ({"final": True, "status": "ok", "step": 3, "mem_step_peak_mib": 10.0 * bs} if bs <= limit
-                      else {"final": True, "status": "oom", "oom": True, "oom_phase": "backward"})
+        rounds.append([c["batch_size"] for _, c in round_])
+        for trial_id, config in round_:
+            bs = config["batch_size"]
+            if SCOUT_KEY in config:
+                assert len(round_) == 1 and config[KIND_KEY] == "probe" and config[GRID_KEY].endswith("_scout")
+                result = {"final": True, "status": "ok", "step": 3, "scout_max_batch": limit + scout_off,
+                          "scout_outcomes": [], "scout_error": None}
+            elif bs <= limit:
+                result = {"final": True, "status": "ok", "step": 3, "mem_step_peak_mib": 10.0 * bs}
+            else:
+                result = {"final": True, "status": "oom", "oom": True, "oom_phase": "backward"}
             searcher.on_trial_complete(trial_id, result)
 
 
-def test_seeded_records_report_the_prediction_and_the_unseeded_cost():
-    """The searcher (no Tune run): a hinted technique starts at its hint; the record says what that saved."""
+@pytest.mark.parametrize("scout_off", [0, -2, 3])
+def test_seeded_records_report_the_prediction_and_the_unseeded_cost(scout_off):
+    """The searcher (no Tune run): a scout first (at the hint when there is one), then fresh probes at its
+    answer; the record says what the search cost and what the unseeded search would have."""
     from sweep import build_grid
     from sweep.max_batch import MaxBatchSearcher, max_batch_targets
     from sweep.probe import MaxBatchSettings
@@ -101,18 +124,21 @@ def test_seeded_records_report_the_prediction_and_the_unseeded_cost():
     written = []
     searcher = MaxBatchSearcher(max_batch_targets(grid), settings, on_record=written.append,
                                 hints={"baseline": {"max_batch": 690, "budget_mib": 143221.0}})
-    _drive(searcher, limit=703)
+    rounds = _drive(searcher, limit=703, scout_off=scout_off)
     seeded, plain = searcher.records
     assert written == searcher.records
     assert seeded["label"] == "baseline" and plain["label"] == "bf16"
     assert set(seeded) == set(MAX_BATCH_RECORD_KEYS)
     assert seeded["max_batch_size"] == plain["max_batch_size"] == 703
     assert seeded["seeded"] and seeded["predicted_max_batch"] == 690 and seeded["predicted_budget_mib"] == 143221.0
+    assert rounds[0] == [690] and sorted(rounds[1]) == [703 + scout_off, 703 + scout_off + 1]  # scout, its edge
+    if scout_off == 0:  # an exact scout: 3 probes in 2 rounds, whatever the hint
+        assert (seeded["probes"], seeded["rounds"]) == (plain["probes"], plain["rounds"]) == (3, 2)
+        assert seeded["outcomes"] == plain["outcomes"] == {"703": "fits", "704": "oom"}
     assert seeded["probes"] < seeded["unseeded_probes"] and seeded["rounds"] < seeded["unseeded_rounds"]
-    assert min(map(int, seeded["outcomes"])) >= 600  # never went near --start
     assert not plain["seeded"] and plain["predicted_max_batch"] is None
-    assert (plain["probes"], plain["rounds"]) == (plain["unseeded_probes"], plain["unseeded_rounds"])
-    assert (seeded["unseeded_probes"], seeded["unseeded_rounds"]) == (plain["probes"], plain["rounds"])
+    assert (seeded["unseeded_probes"], seeded["unseeded_rounds"]) == (plain["unseeded_probes"],
+                                                                      plain["unseeded_rounds"])
     import pandas as pd
 
     from analysis import SweepResults, format_max_batch_table

@@ -49,9 +49,9 @@ from .setup import (Run, build_optimizer, build_run, gpu_memory_limit, lr_multip
                     seed_rngs, set_rng_state)
 
 Report = Callable[[dict[str, Any]], None]
-# This process: when it started and had imported torch and the training code, and how many trials it has run
-# (a Tune actor reused for the next trial, a max-batch scout's sub-probes: see `setup.reset_process`).
-_PROCESS = {"started": process_start_time(), "imported": time.time(), "trials": 0}
+# This process: when it had imported torch and the training code, and how many trials it has run (a Tune
+# actor reused for the next trial, a max-batch scout's sub-probes: see `setup.reset_process`).
+_PROCESS = {"imported": time.time(), "trials": 0}
 STATE_FORMAT = 2
 
 
@@ -354,7 +354,7 @@ def run_trial(cfg: TrialConfig, report: Report, *, checkpoint_io: CheckpointIO |
     `background_reports=False` delivers each report on the training loop (a profiler stepping on reports).
     """
     started = time.perf_counter()
-    timeline = Timeline(_PROCESS["imported"], _PROCESS["trials"], _PROCESS["started"])
+    timeline = Timeline(_PROCESS["imported"], _PROCESS["trials"], process_start_time())  # a fork's own start
     reused, _PROCESS["trials"] = _PROCESS["trials"] > 0, _PROCESS["trials"] + 1
     run = build_run(cfg)
     if reused:
