@@ -141,10 +141,11 @@ def process_start_time() -> float:
     try:
         with open("/proc/self/stat") as f:
             after_name = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/stat") as f:
-            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
-    except (OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        started = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: ticks since boot
+        return time.time() - (uptime - started)  # (not /proc/stat's btime: whole seconds)
+    except (OSError, ValueError, IndexError):
         pass
     try:
         import psutil
