@@ -251,3 +251,24 @@ def test_a_cpu_trial_reports_the_predicted_breakdown_and_nan_measured(sample_dat
     assert all(math.isnan(final[f"measured_{c}_mib"]) for c in MEMORY_COMPONENTS)
     assert math.isnan(final["breakdown_peak_mib"]) and final["breakdown_phase"] is None
     assert [r["warmup"] for r in reports] == [True, False, False]  # nothing recorded on CPU: step 2 is steady
+
+
+def test_a_recording_that_cannot_start_never_fails_the_step(capsys):
+    """On this CPU-only torch the allocator history cannot be recorded: the step still runs, unflagged."""
+    from dataclasses import dataclass
+
+    from trainable.breakdown_probe import BreakdownProbe
+
+    @dataclass
+    class Record:
+        warmup: bool = False
+
+    probe = BreakdownProbe(_config("bf16", SEED_REPORT, 32), 50257, "eager", torch.device("cuda"))
+    ran = []
+    record = probe.step(lambda step, x, y: ran.append(step) or Record(), 2, 1, None, None, torch.nn.Linear(2, 2),
+                        None)
+    assert ran == [2] and record.warmup is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("breakdown: where the memory goes was not measured")
+    keys = probe.report()
+    assert math.isnan(keys["breakdown_peak_mib"]) and keys["predicted_logits_loss_mib"] > 0

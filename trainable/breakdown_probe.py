@@ -91,6 +91,7 @@ class StepRecorder:
         self.model, self.optimizer, self.device, self.hooks = model, optimizer, device, hooks
         self.markers: list[Marker] = []
         self.snapshot: dict | None = None
+        self._identities: dict[int, str] = {}
         self._handles: list[Any] = []
         self._main = threading.get_ident()
 
@@ -139,7 +140,7 @@ class StepRecorder:
                 self._mark("tag", "weight_copies", _storage_ptr(cast))
 
     # -- recording --
-    def __enter__(self) -> "StepRecorder":
+    def start(self) -> "StepRecorder":
         record = torch.cuda.memory._record_memory_history
         try:
             record("all", context="alloc", stacks="python", max_entries=MAX_ENTRIES, clear_history=True)
@@ -150,18 +151,36 @@ class StepRecorder:
             self._install()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self, completed: bool, quiet: bool = False) -> None:
+        """Remove the hooks, keep the record (when the step completed) and what it needs, stop recording."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         try:
-            if exc[0] is None:
+            if completed:
                 self.snapshot = torch.cuda.memory._snapshot(self.device)
+                self._identities = self.identities()
+        except Exception as exc:  # noqa: BLE001 - a measurement never fails the step it measured
+            self.snapshot = None
+            _not_measured(exc)
         finally:
-            torch.cuda.memory._record_memory_history(None)
+            try:
+                torch.cuda.memory._record_memory_history(None)
+            except Exception as exc:  # noqa: BLE001
+                if not quiet:
+                    _not_measured(exc)
+            self.model = self.optimizer = None  # the record must not keep the model alive
+
+    def __enter__(self) -> "StepRecorder":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(completed=exc[0] is None)
 
     def identities(self) -> dict[int, str]:
         """Data pointers of what lives throughout the step: parameters and optimizer states."""
+        if self.model is None:
+            return self._identities
         ids = {_storage_ptr(p): "params" for p in self.model.parameters()}
         for state in self.optimizer.state.values():
             for value in state.values():
@@ -190,11 +209,16 @@ class StepRecorder:
 
 
 class BreakdownProbe:
-    """The trial's breakdown: predicted once from the config, measured on the first steady step on CUDA."""
+    """The trial's breakdown: predicted once from the config, measured on the first steady step on CUDA.
+
+    The replay runs when the report is asked for (the final report), so its host time falls in no timed step.
+    A recording that fails leaves the measured side NaN with one line on stderr; it never fails the trial.
+    """
 
     def __init__(self, cfg: Any, vocab_size: int, kernel: str, device: torch.device):
         self.device = device
         self.compile = bool(cfg.compile)
+        self.recorder: StepRecorder | None = None
         self.measured: dict[str, Any] | None = None
         self.done = device.type != "cuda"
         self.predicted = predicted_breakdown(cfg, vocab_size, kernel if device.type == "cuda" else None)
@@ -205,17 +229,40 @@ class BreakdownProbe:
         if self.done or step != first_step + 1:
             return train_step(step, inputs, targets)
         self.done = True
-        with StepRecorder(model, optimizer, self.device, hooks=not self.compile) as recorder:
+        recorder = StepRecorder(model, optimizer, self.device, hooks=not self.compile)
+        try:
+            recorder.start()
+        except Exception as exc:  # noqa: BLE001 - a measurement never fails the trial
+            _not_measured(exc)
+            recorder.stop(completed=False, quiet=True)
+            return train_step(step, inputs, targets)
+        completed = False
+        try:
             record = train_step(step, inputs, targets)
-        result = recorder.result()
-        if result is not None:
-            self.measured = result.report()
+            completed = True
+        finally:
+            recorder.stop(completed)
+        self.recorder = recorder
         record.warmup = True  # the recording's host work is not the trial's speed
         return record
 
     def report(self) -> dict[str, Any]:
         """Every breakdown key: predicted, and measured when a step was recorded (else NaN)."""
+        if self.recorder is not None:
+            recorder, self.recorder = self.recorder, None
+            try:
+                result = recorder.result()
+                self.measured = result.report() if result is not None else None
+            except Exception as exc:  # noqa: BLE001
+                _not_measured(exc)
         return {**not_measured(), **self.predicted, **(self.measured or {})}
+
+
+def _not_measured(exc: BaseException) -> None:
+    import sys
+
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    print(f"breakdown: where the memory goes was not measured ({type(exc).__name__}: {line})", file=sys.stderr)
 
 
 def predicted_breakdown(cfg: Any, vocab_size: int, kernel: str | None) -> dict[str, float]:
