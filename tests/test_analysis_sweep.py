@@ -29,7 +29,7 @@ def test_sweep_experiment_analysed_without_importing_the_pipeline(sweep_experime
     experiment (whose saved state references the sweep's naming hook) and writes the report. The CPU trials
     measured no GPU memory: the memory plots and tables show the memory model's predicted CUDA peaks, so
     labelled, and the seed grid predicted on the named GPUs."""
-    from test_analysis import BLOCK_PIPELINE
+    from test_analysis_fake import BLOCK_PIPELINE
 
     code = BLOCK_PIPELINE + "from analysis.__main__ import main; sys.exit(main([sys.argv[1], '--out', sys.argv[2]]))"
     run = subprocess.run([sys.executable, "-c", code, sweep_experiment, str(tmp_path)], capture_output=True,
