@@ -24,11 +24,19 @@ CSV = Path(__file__).resolve().parents[1] / "docs" / "results" / "memory_model_h
 
 
 def row_config(row: dict, data_dir: str) -> TrialConfig:
-    """The TrialConfig a CSV row was measured with (seed model, seq_len 512)."""
+    """The TrialConfig a CSV row was measured with (seed model, seq_len 512, unless the row's optional columns
+    say otherwise: loss_precision, tie_embeddings, n_layers, d_model, n_heads, ff_dim, seq_len)."""
     d = {"technique": row["technique"], "batch_size": int(row["batch_size"]), "data_dir": data_dir,
          "vocab_size": int(row.get("vocab_size") or 10000)}
     if row["window"]:
         d["window"] = int(float(row["window"]))
+    if row.get("loss_precision"):  # optional columns: the LM head's switches (default: fp32 loss, tied)
+        d["loss_precision"] = row["loss_precision"]
+    if row.get("tie_embeddings"):
+        d["tie_embeddings"] = row["tie_embeddings"].strip().lower() in ("true", "1", "yes")
+    for key in ("n_layers", "d_model", "n_heads", "ff_dim", "seq_len"):  # optional: another model than the seed's
+        if row.get(key):
+            d[key] = int(row[key])
     return TrialConfig.from_dict(d)
 
 
