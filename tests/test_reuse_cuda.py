@@ -1,0 +1,93 @@
+"""GPU proof that a reused process measures what a fresh one does: every technique's per-step memory peaks (and
+reserved memory) in a process that already ran other trials, an OOM among them, equal a fresh process's to
+the MiB; and a max-batch probe's fork of the probe server is a fresh process too. Skipped without CUDA.
+
+    pytest -m cuda tests/test_reuse_cuda.py -s      # ~3-4 min on an H200: prints one line per technique
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.cuda, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+BASE = dict(device="cuda", n_layers=2, d_model=128, n_heads=4, ff_dim=512, seq_len=64, batch_size=32, max_steps=4,
+            warmup_steps=1, eval_interval=0, eval_batches=1, eval_batch_size=16)
+TECHNIQUES = {
+    "baseline": {"technique": "baseline"}, "bf16": {"technique": "bf16"}, "flash": {"technique": "flash"},
+    "window": {"technique": "window", "window": 16}, "gradcp": {"technique": "gradcp"},
+    "sac": {"technique": "bf16", "checkpointing": "selective"}, "fused_ce": {"technique": "fused_ce"},
+    "flash_compile": {"technique": "flash_compile"}, "fused_ce_compile": {"technique": "fused_ce_compile"},
+    "window_compile": {"technique": "window_compile", "window": 16},
+}
+# What runs in the reused process before the techniques: a compiled flex model at another batch, a trial that
+# runs out of memory under a cap, a large eager one (leaves large cached segments behind unless reset).
+DIRTY = [{"technique": "window_compile", "window": 32, "batch_size": 64},
+         {"technique": "baseline", "batch_size": 512, "d_model": 256, "n_layers": 4, "gpu_memory_gb": 1.0},
+         {"technique": "baseline", "batch_size": 256}]
+MEMORY = ("mem_fwd_peak_mib", "mem_bwd_peak_mib", "mem_opt_peak_mib", "mem_step_peak_mib", "mem_allocated_mib",
+          "mem_reserved_mib")
+RUNNER = """
+import json, sys
+from trainable import TrialConfig, run_trial
+out = []
+for config in json.loads(sys.argv[1]):
+    reports = []
+    final = run_trial(TrialConfig.from_dict(config), reports.append)
+    out.append({"status": final["status"], "trials_before": final["process_trials_before"],
+                "steps": [{k: r[k] for k in %r} | {"loss": r["loss"]} for r in reports]})
+print("RESULT " + json.dumps(out))
+""" % (MEMORY,)
+
+
+def _run(configs: list[dict]) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(configs)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+
+def _config(data: Path, switches: dict) -> dict:
+    return {**BASE, "data_dir": str(data), **switches}
+
+
+def _forked(configs: list[dict]) -> list[dict]:
+    from sweep.probe import ProbeServer
+
+    server, out = ProbeServer(), []
+    for config in configs:
+        reports = [m["report"] for m in server.run({"config": config, "scout": None}) if "report" in m]
+        out.append({"status": reports[-1]["status"], "trials_before": reports[-1]["process_trials_before"],
+                    "steps": [{k: r[k] for k in MEMORY} | {"loss": r["loss"]} for r in reports]})
+    server.proc.stdin.close()
+    server.proc.wait(timeout=60)
+    return out
+
+
+def test_every_technique_measures_the_same_in_a_reused_process_as_in_a_fresh_one(sample_dataset):
+    configs = [_config(sample_dataset, s) for s in TECHNIQUES.values()]
+    with ThreadPoolExecutor(4) as pool:  # fresh processes side by side: each its own CUDA context and allocator
+        fresh = [r[0] for r in pool.map(lambda c: _run([c]), configs)]
+    reused = _run([_config(sample_dataset, s) for s in DIRTY] + configs)
+    dirty, reused = reused[: len(DIRTY)], reused[len(DIRTY):]
+    assert [d["status"] for d in dirty] == ["ok", "oom", "ok"]
+    forked = _forked(configs)
+    worst: dict[str, float] = {}
+    for name, a, b, c in zip(TECHNIQUES, fresh, reused, forked):
+        assert a["status"] == b["status"] == c["status"] == "ok", name
+        assert a["trials_before"] == c["trials_before"] == 0 and b["trials_before"] >= len(DIRTY)
+        diffs = [abs(x[k] - other[k]) for x, y, z in zip(a["steps"], b["steps"], c["steps"]) for other in (y, z)
+                 for k in MEMORY]
+        worst[name] = max(diffs)
+        peak = max(s["mem_step_peak_mib"] for s in a["steps"])
+        print(f"{name:17s} peak {peak:9.1f} MiB  worst |reused or forked - fresh| {worst[name]:.3f} MiB "
+              f"(fresh reserved {a['steps'][-1]['mem_reserved_mib']:.0f} MiB)")
+        assert [s["loss"] for s in b["steps"]] == pytest.approx([s["loss"] for s in a["steps"]], rel=1e-3)
+    assert max(worst.values()) < 1.0, worst  # to the MiB, every step, every technique
