@@ -197,10 +197,11 @@ class StepRecorder:
         if len(trace) >= MAX_ENTRIES:
             return None
         events = parse_trace(trace)
-        start = next((i for i, e in enumerate(events) if e.action == "alloc"
-                      and any(f.name == MARKER_FUNCTION for f in e.frames)), None)
-        if start is None:
+        marker_at = [i for i, e in enumerate(events) if e.action == "alloc"
+                     and any(f.name == MARKER_FUNCTION for f in e.frames)]
+        if len(marker_at) < len(self.markers) or not self.markers:
             return None
+        start = marker_at[-len(self.markers)]  # this record's first marker (a kept older history comes before it)
         segments = [s for s in self.snapshot["segments"] if s.get("device", index) == index]
         live, reserved = live_blocks(segments)
         result = replay(events[start:], live, self.markers, rules or project_rules(), reserved_at_end=reserved,
