@@ -51,12 +51,13 @@ def test_replay_of_a_recorded_sequence_equals_max_memory_allocated():
     model = torch.nn.Linear(64, 64).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # fresh segments: every block below is split to its rounded size (what the trace says)
     torch.cuda.reset_peak_memory_stats()
     with StepRecorder(model, optimizer, device, hooks=False) as recorder:
         a = torch.empty(10 * MIB + 7, dtype=torch.uint8, device=device)
-        b = torch.empty(3 * MIB, dtype=torch.uint8, device=device)
+        b = torch.empty(24 * MIB + 100, dtype=torch.uint8, device=device)
         del a
-        c = torch.empty(9 * MIB, dtype=torch.uint8, device=device)
+        c = torch.empty(14 * MIB, dtype=torch.uint8, device=device)
         small = [torch.empty(n, device=device) for n in (1, 3, 100)]
         del b, c, small
     peak = torch.cuda.max_memory_allocated()

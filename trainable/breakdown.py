@@ -19,6 +19,11 @@ module (no torch) turns the record into the step's peak split into `contract.key
      running, which the recorder marks as gradients reach each module's output (the loss first);
    * else `other` (workspaces, the batch, cached masks, anything compiled).
 
+Sizes: the trace gives each request's size; a block counts it rounded up to 512 bytes, which is what
+`max_memory_allocated` counts, except where the allocator hands out a cached large block up to 1 MiB bigger than
+the request (it splits a block only when more than 1 MiB would be left): such a block reads up to 1 MiB short.
+In a steady step every request finds the block its twin used in the step before, so this is rare.
+
 The recorder's markers are tiny allocations made by `MARKER_FUNCTION`, recognised by that frame and paired in
 order with the recorder's list of what each one means; they are not counted. The phase of an allocation is
 forward until the first one made by backward (autograd's gradient seed, or a frameless allocation), then
