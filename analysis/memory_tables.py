@@ -68,11 +68,17 @@ def _predicted_memory_table(results: SweepResults, trials: pd.DataFrame) -> Tabl
          "modelled: the eager step's memory)." + (f" Budget assumed for fits/max batch: {budget}." if budget else "")])
 
 
-def _breakdown_cell(row: Breakdown, component: str) -> str:
+def _breakdown_cell(row: Breakdown, component: str, digits: int) -> str:
     measured, forecast = row.measured[component], row.forecast[component]
     shown = forecast if row.predicted else measured
     of = 100 * shown / row.peak if row.peak and not math.isnan(row.peak) and not math.isnan(shown) else math.nan
-    return f"{num(measured, 0)} / {num(forecast, 0)} ({share(of)})"
+    return f"{num(measured, digits)} / {num(forecast, digits)} ({share(of)})"
+
+
+def _digits(rows: list[Breakdown]) -> int:
+    """Whole MiB, or tenths for a small model (whose components are a few MiB each)."""
+    peaks = [r.peak for r in rows if not math.isnan(r.peak)]
+    return 1 if peaks and max(peaks) < 100 else 0
 
 
 def _sum_check(row: Breakdown) -> str:
@@ -89,10 +95,11 @@ def breakdown_table(results: SweepResults) -> Table | None:
     rows = breakdown_rows(results, batch)
     if not rows:
         return None
-    body = [[component, *(_breakdown_cell(r, component) for r in rows)] for component in MEMORY_COMPONENTS]
+    digits = _digits(rows)
+    body = [[component, *(_breakdown_cell(r, component, digits) for r in rows)] for component in MEMORY_COMPONENTS]
     body += [
-        ["= peak", *(f"{num(r.measured_peak, 0)} / {num(r.predicted_peak, 0)}" for r in rows)],
-        ["allocator slack", *(f"{num(r.measured_slack, 0)} / {num(r.predicted_slack, 0)}" for r in rows)],
+        ["= peak", *(f"{num(r.measured_peak, digits)} / {num(r.predicted_peak, digits)}" for r in rows)],
+        ["allocator slack", *(f"{num(r.measured_slack, digits)} / {num(r.predicted_slack, digits)}" for r in rows)],
         ["peak phase", *(text_cell(r.phase) for r in rows)],
         ["largest", *(text_cell(r.largest()) for r in rows)],
         ["components sum to peak", *(_sum_check(r) for r in rows)],

@@ -103,16 +103,17 @@ def plot_memory_breakdown(results: SweepResults) -> tuple[str, Figure]:
         ax.annotate(f"{bottom:,.0f}", (x, bottom), xytext=(0, 2), textcoords="offset points", ha="center",
                     va="bottom", fontsize=7)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([f"{r.name}\n(predicted)" if r.predicted else r.name for r in rows], rotation=30, ha="right",
-                       fontsize=8)
+    mixed = len({r.predicted for r in rows}) > 1  # say which bars are predictions; all of them: the title says it
+    ax.set_xticklabels([f"{r.name}\n(predicted)" if r.predicted and mixed else r.name for r in rows], rotation=30,
+                       ha="right", fontsize=8)
     handles = [Patch(color=COMPONENT_COLORS[c], label=c) for c in reversed(MEMORY_COMPONENTS)
                if any(pd.notna(r.values.get(c)) and (r.values.get(c) or 0) > 0 for r in rows)]
     if any(r.predicted for r in rows):
         handles.append(Patch(facecolor="lightgray", hatch="//", edgecolor="white", label=f"hatched: {PREDICTED_NOTE}"))
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_ylabel("allocated memory at the peak (MiB)")
-    ax.set_title(f"Where the memory goes at batch size {batch}{comparison_note(batch)}"
-                 f"{gpu_title(results.trials)}")
+    ax.set_title(f"Where the memory goes at batch size {batch}{comparison_note(batch)}{gpu_title(results.trials)}"
+                 + (f"\n({PREDICTED_NOTE})" if all(r.predicted for r in rows) else ""))
     ax.grid(axis="y", alpha=0.3)
     return "9_memory_breakdown.png", fig
 
