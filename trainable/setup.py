@@ -90,7 +90,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrialConfig, device: torch.devi
 
 def model_config(cfg: TrialConfig, vocab_size: int) -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, seq_len=cfg.seq_len, n_layers=cfg.n_layers,
-                       d_model=cfg.d_model, n_heads=cfg.n_heads, ff_dim=cfg.ff_dim)
+                       d_model=cfg.d_model, n_heads=cfg.n_heads, ff_dim=cfg.ff_dim,
+                       tie_embeddings=cfg.tie_embeddings)
 
 
 def build_model(cfg: TrialConfig, vocab_size: int, kernel: AttentionKernel) -> GPT:

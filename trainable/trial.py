@@ -39,7 +39,7 @@ from .breakdown_probe import BreakdownProbe
 from .checkpoint_io import CheckpointIO, TuneCheckpointIO, check_resumable
 from .compile_policy import CompileWatch, build_forward_loss, release_compiled
 from .config import TrialConfig
-from .losses import LOSSES
+from .losses import LOSSES, loss_for
 from .measure import NOT_MEASURED, Timeline, cuda_ready, is_oom_error, probes_for, process_start_time, to_host_async
 from .observe import RayMetricsExporter
 from .precision import tf32_matmuls
@@ -79,7 +79,8 @@ class _Trial:
                  checkpoint_io: CheckpointIO | None, started: float, timeline: Timeline):
         self.run, self.cfg, self.device, self.timeline = run, run.cfg, run.device, timeline
         self.reporter, self.snapshotter, self.checkpoint_io, self.started = reporter, snapshotter, checkpoint_io, started
-        self.loss_fn = LOSSES[self.cfg.loss]
+        self.loss_fn = loss_for(self.cfg.loss, self.cfg.loss_precision)  # what training minimises
+        self.eval_loss_fn = LOSSES[self.cfg.loss]  # validation the same way for every switch (fp32 softmax)
         # flex compiles its own kernel on CUDA; nothing else compiles unless the compile switch is on
         self.compile_watch = CompileWatch(active=self.cfg.compile or (run.kernel.name == "flex" and run.device.type == "cuda"))
         self.memory, self.timer = probes_for(self.device)
@@ -310,7 +311,7 @@ class _Trial:
         for chunk in rows.split(self.cfg.eval_batch_size):
             inputs, targets = self._to_device(chunk)
             with self.run.precision.autocast(self.device.type):
-                loss = self.loss_fn(self.model(inputs), self.model.output_weight, targets)
+                loss = self.eval_loss_fn(self.model(inputs), self.model.output_weight, targets)
             total += loss.double() * targets.numel()
         self.model.train()
         val_loss = (total / (rows.size(0) * self.cfg.seq_len)).item()
