@@ -165,3 +165,20 @@ def test_memory_model_counts_an_untied_head_in_params_grads_and_states():
     assert untied["optimizer_step"] - tied["optimizer_step"] == pytest.approx(20 * vd)  # + grads + temporary
     spec = to_spec(_cfg(technique="flash", vocab_size=50257, tie_embeddings=False, loss_precision="compute"))
     assert spec.tie_embeddings is False and spec.loss_precision == "compute"
+
+
+def test_a_trial_trains_with_the_switches_it_was_given(sample_dataset, one_thread):
+    """The switches reach the run: the untied trial has V x d more parameters, the bf16-loss trial a different
+    training loss (its log-softmax is bf16) but the same fp32 validation, so val_ppl compares across switches."""
+    from trainable import run_trial
+
+    def final(**switches):
+        cfg = TrialConfig.from_dict(dict(data_dir=str(sample_dataset), device="cpu", n_layers=1, d_model=32,
+                                         n_heads=2, ff_dim=64, seq_len=32, batch_size=4, max_steps=2,
+                                         eval_batches=1, eval_batch_size=4, technique="bf16", **switches))
+        return run_trial(cfg, lambda m: None)
+
+    plain, untied, bf16loss = final(), final(tie_embeddings=False), final(loss_precision="compute")
+    assert untied["num_params"] - plain["num_params"] == 512 * 32 and untied["label"].endswith("untied")
+    assert bf16loss["label"].endswith("bf16loss") and bf16loss["loss"] != plain["loss"]
+    assert bf16loss["loss"] == pytest.approx(plain["loss"], rel=2e-2)
