@@ -5,20 +5,20 @@ path with no measurement at all (eager; with `+compile` the same torch.compile o
 backward AOTAutograd compiles), timed by wall clock between two synchronisations after the warm-up;
 (2) `run_trial` with per-phase memory peaks, CUDA-event timing and a report every step, timed by wall
 clock between the arrival of two reports (steps warmup+1 .. N-1; the last step also evaluates and is
-left out). Prints a markdown table. The seed model at batch 128 x 512 tokens by default, on random
-tokens with vocabularies of 10k and 50257 (GPT-2's).
+left out). Both speeds of the trainable are shown: wall clock (what the user waits; `ratio` is it over
+the plain loop's) and GPU time (its CUDA-event figure, `steady_tokens_per_s`). Prints a markdown table.
+The seed model at batch 128 x 512 tokens by default, on random tokens with vocabularies of 10k and 50257.
+Checkpointing's cost (none / every N steps / every M minutes, in a real Tune trial) is bench_checkpoint.py.
 
     python bench/bench_trainable.py                                            # defaults, < 6 min on an H200
     python bench/bench_trainable.py --vocabs 50257 --techniques flash,flash+compile,fused_ce+compile
-    python bench/bench_trainable.py --techniques baseline,window16,window16+compile,flash+sac --no-plain
-    python bench/bench_trainable.py --data data/prepared --techniques baseline,flash --steps 50
+    python bench/bench_trainable.py --techniques flash+compile --vocabs 10000 --report tune   # in a Tune trial
     python bench/bench_trainable.py --profile fused_ce+compile --vocabs 50257  # top CUDA kernels -> a file
 
 A technique is a preset (`baseline`, `flash`, `fused_ce`, ..., window ones with their size: `window16`)
 plus `+` modifiers: `+compile`, `+fused_ce`, `+sac` (selective checkpointing), `+gradcp` (full).
---report mimic (default) hands each report to a consumer thread and blocks until it is logged, like
-Tune's function-trainable session does; --report none measures the trainable's own host work only;
---report tune runs the whole bench inside one real Tune trial.
+--report mimic (default) hands each report to a thread and blocks until it is logged, like Tune's
+function-trainable session; none: the trainable's own host work only; tune: all in one real Tune trial.
 """
 from __future__ import annotations
 
@@ -41,21 +41,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainable import TECHNIQUES, ConfigError, TrialConfig, is_oom_error, run_trial  # noqa: E402
 from trainable.compile_policy import build_forward_loss, release_compiled  # noqa: E402
 from trainable.flops import mfu, model_flops_per_token, peak_bf16_flops  # noqa: E402
-from trainable.losses import LOSSES  # noqa: E402
+from trainable.losses import loss_for  # noqa: E402
 from trainable.precision import tf32_matmuls  # noqa: E402
 from trainable.setup import build_optimizer, build_run, lr_multiplier, model_config  # noqa: E402
 
 DEFAULT_TECHNIQUES = "baseline,flash,flash+compile,fused_ce,fused_ce+compile,flash+sac"
 DEFAULT_VOCABS = "10000,50257"
-MODIFIERS: dict[str, dict] = {
-    "compile": {"compile": True},
-    "fused_ce": {"loss": "fused_ce"}, "fusedce": {"loss": "fused_ce"},
-    "sac": {"checkpointing": "selective"}, "selective": {"checkpointing": "selective"},
-    "gradcp": {"checkpointing": "full"},
-}
+MODIFIERS: dict[str, dict] = {"compile": {"compile": True}, "fused_ce": {"loss": "fused_ce"},
+                               "fusedce": {"loss": "fused_ce"}, "sac": {"checkpointing": "selective"},
+                               "selective": {"checkpointing": "selective"}, "gradcp": {"checkpointing": "full"}}
 
 
-# -- data ---------------------------------------------------------------------------------------------
 def write_synthetic_dataset(root: Path, *, vocab_size: int, seq_len: int, rows: dict[str, int], seed: int = 0) -> Path:
     """A Contract 1 dataset of uniformly random tokens (speed does not depend on the text)."""
     import pyarrow as pa
@@ -83,40 +79,32 @@ def write_synthetic_dataset(root: Path, *, vocab_size: int, seq_len: int, rows: 
     return root
 
 
-# -- reporting ----------------------------------------------------------------------------------------
 class TuneLikeReport:
     """report(): copy + timestamp, hand to a consumer thread that logs it as JSON, block until consumed
     (the handshake of Tune's function-trainable session, without Ray)."""
 
     def __init__(self):
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
-        self._consumed = threading.Semaphore(0)
-        self.log: list[str] = []
+        self._queue, self._consumed, self.log = queue.Queue(maxsize=1), threading.Semaphore(0), []
         threading.Thread(target=self._consume, daemon=True).start()
 
     def _consume(self) -> None:
         while True:
-            result = self._queue.get()
-            self.log.append(json.dumps(result, default=str))
+            self.log.append(json.dumps(self._queue.get(), default=str))
             self._consumed.release()
 
     def __call__(self, metrics: dict) -> None:
-        result = dict(metrics, timestamp=int(time.time()))
-        self._queue.put(result)
+        self._queue.put(dict(metrics, timestamp=int(time.time())))
         self._consumed.acquire()
 
 
 def make_report(kind: str):
-    if kind == "mimic":
-        return TuneLikeReport()
     if kind == "tune":
         from ray import tune
 
         return tune.report
-    return lambda metrics: None
+    return TuneLikeReport() if kind == "mimic" else (lambda metrics: None)
 
 
-# -- the two loops ------------------------------------------------------------------------------------
 def plain_loop(cfg: TrialConfig, steps: int, warmup: int, on_step=None) -> dict:
     """The same model/optimizer/schedule/data path with no measurement: wall clock over `steps` steps.
     With `compile`, the same torch.compile of forward + loss the trainable makes (backward compiled too)."""
@@ -127,7 +115,7 @@ def plain_loop(cfg: TrialConfig, steps: int, warmup: int, on_step=None) -> dict:
     model = run.build_model().to(device)
     if kernel.prepare is not None:
         kernel.prepare(cfg.seq_len, cfg.window, device)
-    step_loss = build_forward_loss(model, cfg.loss, LOSSES[cfg.loss], cfg.compile)
+    step_loss = build_forward_loss(model, cfg.loss, loss_for(cfg.loss, cfg.loss_precision), cfg.compile)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, warmup + steps))
     batches = (rows for _, _, rows in run.batches())
@@ -165,20 +153,17 @@ def plain_loop(cfg: TrialConfig, steps: int, warmup: int, on_step=None) -> dict:
     return result
 
 
-def trainable_loop(cfg: TrialConfig, steps: int, warmup: int, report_kind: str) -> dict:
-    """run_trial with measurement and a report per step; speed from the report arrival times."""
-    report = make_report(report_kind)
-    arrivals: dict[int, float] = {}
-    step_times: dict[int, float] = {}
-    peaks: list[float] = []
+def trainable_loop(cfg: TrialConfig, steps: int, warmup: int, report_kind: str, checkpoint_io=None) -> dict:
+    """run_trial with measurement and a report per step; speed from the report arrival times (a checkpoint's
+    report arrives once the checkpoint is written and registered: bench_checkpoint.py)."""
+    report, arrivals, step_times, peaks = make_report(report_kind), {}, {}, []
 
-    def timed_report(metrics: dict) -> None:
-        arrivals[metrics["step"]] = time.perf_counter()
-        step_times[metrics["step"]] = metrics["step_time_s"]
+    def record(metrics: dict) -> None:
+        arrivals[metrics["step"]], step_times[metrics["step"]] = time.perf_counter(), metrics["step_time_s"]
         peaks.append(metrics["mem_step_peak_mib"])
-        report(metrics)
 
-    final = run_trial(cfg, timed_report)
+    final = run_trial(cfg, lambda metrics: (record(metrics), report(metrics)),
+                      checkpoint_io=checkpoint_io and checkpoint_io(record))
     if final.get("oom"):
         return {"tok_s": math.nan, "peak_mib": math.nan, "oom": True, "kernel": final["attention_kernel"]}
     first, last = warmup, warmup + steps - 1  # report k arrives once step k is done and step k+1 is queued
@@ -188,13 +173,12 @@ def trainable_loop(cfg: TrialConfig, steps: int, warmup: int, report_kind: str) 
     timed = [step_times[k] for k in range(first + 1, last + 1)]
     return {"tok_s": (last - first) * cfg.tokens_per_step / seconds, "peak_mib": max(peaks),
             "idle": max(0.0, 1 - sum(timed) / seconds), "step_ms": 1000 * float(np.median(timed)),
-            "max_step_ms": 1000 * max(timed),
+            "max_step_ms": 1000 * max(timed), "final": final,
             "kernel": final["attention_kernel"], "report_ms": 1000 * final["report_time_s"] / final["step"],
             "compile_s": final["compile_time_s"], "steady_tok_s": final["steady_tokens_per_s"],
             "peak_flops": final["peak_flops"]}
 
 
-# -- driver -------------------------------------------------------------------------------------------
 def technique_switches(spec: str) -> dict:
     """`flash`, `gradcp`, `window16` (a window preset with its size appended), each with `+modifier`s:
     `flash+compile+fused_ce` -> the flash preset with compile on and the fused CE loss."""
@@ -246,7 +230,8 @@ def bench_one(args: argparse.Namespace, spec: str, data_dir: str, vocab: int | s
     peak = peak_bf16_flops(gpu, args.peak_flops)
     ratio = measured["tok_s"] / plain["tok_s"]
     return (f"| {cfg.label} | {vocab} | {measured['kernel']} | {_num(plain['tok_s'], ',.0f')} | "
-            f"{_num(measured['tok_s'], ',.0f')} | {_num(ratio, '.3f')} | {_num(plain['peak_mib'], ',.0f')} | "
+            f"{_num(measured['tok_s'], ',.0f')} | {_num(ratio, '.3f')} | "
+            f"{_num(measured.get('steady_tok_s', math.nan), ',.0f')} | {_num(plain['peak_mib'], ',.0f')} | "
             f"{_num(measured['peak_mib'], ',.0f')} | {_num(mfu(plain['tok_s'], flops, peak), '.1%')} | "
             f"{_num(mfu(measured['tok_s'], flops, peak), '.1%')} | "
             f"{_num(measured.get('compile_s', math.nan), '.1f')} | "
@@ -255,22 +240,27 @@ def bench_one(args: argparse.Namespace, spec: str, data_dir: str, vocab: int | s
 
 
 def bench(args: argparse.Namespace) -> str:
-    rows = ["| technique | vocab | kernel | tok/s plain | tok/s trainable | ratio | peak MiB plain | "
-            "peak MiB trainable | MFU plain | MFU trainable | compile s | report ms/step | idle between steps | "
-            "step ms median / max |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| technique | vocab | kernel | tok/s plain | tok/s trainable | ratio | GPU-time tok/s trainable | "
+            "peak MiB plain | peak MiB trainable | MFU plain | MFU trainable | compile s | report ms/step | "
+            "idle between steps | step ms median / max |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for vocab, data_dir in args.datasets:
         for spec in args.techniques.split(","):
             rows.append(bench_one(args, spec, data_dir, vocab))
             print(rows[-1], flush=True)
+    return setting_line(args) + (
+        " tok/s: wall clock (plain: between two syncs; trainable: between report arrivals), ratio = trainable / "
+        "plain; GPU-time: the trainable's CUDA-event figure. MFU: model FLOPs (trainable/flops.py, causal half of "
+        "attention) over the GPU's peak dense bf16 rate; compile s: the trainable's compiling steps; idle between "
+        "steps: 1 - the trainable's summed step times (CUDA events) / their wall time; step ms: its timed steps' "
+        "median and slowest.") + "\n\n" + "\n".join(rows) + "\n"
+
+
+def setting_line(args: argparse.Namespace) -> str:
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "none (CPU smoke run)"
-    header = (f"GPU {gpu}, torch {torch.__version__}, batch {args.batch_size} x seq {args.seq_len}, model "
-              f"{args.n_layers}L/{args.d_model}d/{args.n_heads}h/{args.ff_dim}ff, {args.steps} timed steps after "
-              f"{args.warmup} warm-up, report={args.report}. MFU: model FLOPs (trainable/flops.py, causal half "
-              f"of attention) over the GPU's peak dense bf16 rate; compile s: the trainable's compiling steps; idle "
-              f"between steps: 1 - the trainable's summed step times (CUDA events) / their wall time; step ms: its "
-              f"timed steps' median and slowest.")
-    return header + "\n\n" + "\n".join(rows) + "\n"
+    return (f"GPU {gpu}, torch {torch.__version__}, batch {args.batch_size} x seq {args.seq_len}, model "
+            f"{args.n_layers}L/{args.d_model}d/{args.n_heads}h/{args.ff_dim}ff, {args.steps} timed steps after "
+            f"{args.warmup} warm-up, report={args.report}.")
 
 
 def profile(args: argparse.Namespace) -> str:
@@ -324,12 +314,6 @@ def device_time(args: argparse.Namespace) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _bench_in_tune(config: dict) -> None:
-    """Tune trial body for --report tune: the whole bench in one trial process, tune.report for real."""
-    args = argparse.Namespace(**config["args"])
-    Path(args.table_out).write_text(bench(args))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
@@ -337,14 +321,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--vocabs", "--synthetic", dest="vocabs", default=DEFAULT_VOCABS, metavar="V[,V...]",
                      help=f"random tokens with these vocabulary sizes (default {DEFAULT_VOCABS})")
     p.add_argument("--techniques", default=DEFAULT_TECHNIQUES, help=f"comma list (default {DEFAULT_TECHNIQUES})")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--n-layers", type=int, default=6)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--n-heads", type=int, default=8)
-    p.add_argument("--ff-dim", type=int, default=2048)
+    for flag, default in (("--batch-size", 128), ("--steps", 20), ("--warmup", 5), ("--seq-len", 512),
+                          ("--n-layers", 6), ("--d-model", 512), ("--n-heads", 8), ("--ff-dim", 2048)):
+        p.add_argument(flag, type=int, default=default)
     p.add_argument("--peak-flops", type=float, help="the GPU's peak dense bf16 FLOP/s (default: looked up by name)")
     p.add_argument("--no-plain", dest="plain", action="store_false", help="skip the plain loop (trainable only)")
     p.add_argument("--report", choices=("mimic", "tune", "none"), default="mimic")
@@ -390,11 +369,8 @@ def main(argv=None) -> int:
                 return 0
             if args.device_time:
                 table = device_time(args)
-                print("\n" + table)
-                if args.out:
-                    Path(args.out).write_text(table)
-                return 0
-            table = _run_under_tune(args, Path(tmp)) if args.report == "tune" else bench(args)
+            else:
+                table = _run_under_tune(args, Path(tmp)) if args.report == "tune" else bench(args)
         except ConfigError as exc:
             print(f"bench_trainable: error: {exc}", file=sys.stderr)
             return 2
@@ -405,22 +381,18 @@ def main(argv=None) -> int:
 
 
 def _run_under_tune(args: argparse.Namespace, tmp: Path) -> str:
-    import ray
-    from ray import tune
+    """The whole bench inside one real Tune trial (bench_checkpoint.run_in_tune)."""
+    return sibling("bench_checkpoint").run_in_tune("bench_trainable", "bench", args, tmp)
 
-    args.table_out = str(tmp / "table.md")
-    gpus = 1 if args.device == "cuda" else 0
-    ray.init(num_gpus=gpus, include_dashboard=False, log_to_driver=True)
-    try:
-        tuner = tune.Tuner(tune.with_resources(_bench_in_tune, {"cpu": 1, "gpu": gpus}),
-                           param_space={"args": vars(args)},
-                           run_config=tune.RunConfig(name="bench_trainable", storage_path=str(tmp / "ray"), verbose=0))
-        result = tuner.fit()[0]
-        if result.error is not None:
-            raise RuntimeError(f"bench trial failed: {result.error}")
-    finally:
-        ray.shutdown()
-    return Path(args.table_out).read_text()
+
+def sibling(name: str):
+    """Another script of bench/ as a module (bench/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # findable: pickled by value for Ray
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":

@@ -41,14 +41,15 @@ def test_cpu_smoke_run_writes_the_table(bench, tmp_path, capsys):
                        "--out", str(out)])
     assert code == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[0].startswith("| technique | vocab | kernel | tok/s plain | tok/s trainable | ratio |")
+    assert rows[0].startswith("| technique | vocab | kernel | tok/s plain | tok/s trainable | ratio | GPU-time")
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| baseline", "| sac_fusedce"]
     for row in rows[1:]:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == "512" and float(cells[3].replace(",", "")) > 0 and float(cells[5]) > 0
-        assert cells[8].endswith("%") and cells[9].endswith("%")  # MFU plain / trainable against --peak-flops
-        assert cells[12].endswith("%") and 0 <= float(cells[12].rstrip("%")) < 100  # idle between steps
-        median, slowest = map(float, cells[13].split(" / "))
+        assert float(cells[6].replace(",", "")) > 0  # GPU-time (host time on CPU) figure of the trainable
+        assert cells[9].endswith("%") and cells[10].endswith("%")  # MFU plain / trainable against --peak-flops
+        assert cells[13].endswith("%") and 0 <= float(cells[13].rstrip("%")) < 100  # idle between steps
+        median, slowest = map(float, cells[14].split(" / "))
         assert 0 < median <= slowest
 
 
@@ -71,3 +72,19 @@ def test_device_time_compares_both_loops(bench, tmp_path):
     row = out.read_text().splitlines()[-1].split("|")
     plain, trainable = float(row[2]), float(row[3])
     assert plain > 0 and trainable > 0
+
+
+def test_checkpoint_bench_compares_checkpoint_settings_with_none(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", BENCH.with_name("bench_checkpoint.py"))
+    checkpoint = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checkpoint)
+    out = tmp_path / "ckpt.md"
+    tiny = [a for a in TINY if a not in ("--report", "none")] + ["--report", "mimic", "--steps", "10", "--warmup", "2"]
+    assert checkpoint.main([*tiny, "--techniques", "baseline", "--checkpoints", "steps:4,minutes:5", "--out", str(out),
+                            "--no-plain"]) == 0
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| baseline")]
+    assert [r[2] for r in rows] == ["none", "every 4 steps", "every 5 min"]  # none first: the reference
+    assert [int(r[3]) for r in rows] == [0, 2, 0]  # saves at steps 4 and 8 of the timed steps 3..11
+    assert rows[0][5] == "1.000" and float(rows[1][5]) > 0 and float(rows[1][9]) > 0  # vs none; write ms/save
+    assert checkpoint.main([*tiny, "--checkpoints", "steps:0"]) == 2
+    assert capsys.readouterr().err.strip().startswith("bench_checkpoint: error: --checkpoints: 'steps:0'")
