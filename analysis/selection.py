@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from contract.techniques import BASELINE_LABELS, technique_label
+from contract.techniques import BASELINE_LABELS, Switches, technique_label
 
 from .load import SweepResults
 
@@ -112,6 +112,18 @@ def memory_savings(results: SweepResults, source: MemorySource | None = None) ->
 def flash_counterpart(trial: pd.Series) -> str:
     """The label of the same trial with full-attention flash in place of its attention (`bf16_window16` ->
     `bf16_flash`): what a window's saving is measured against."""
-    switches: dict = {k: trial.get(k) for k in ("precision", "checkpointing", "loss") if isinstance(trial.get(k), str)}
-    return technique_label({**switches, "compile": str(trial.get("compile")) == "True", "attention": "flash",
-                            "window": None})
+    fields = Switches.__dataclass_fields__
+    switches = {k: _plain(trial.get(k)) for k in fields if _known(trial.get(k))}
+    switches.update(attention="flash", window=None)
+    return technique_label(Switches.of(switches))
+
+
+def _known(value) -> bool:
+    return value is not None and not (isinstance(value, float) and pd.isna(value))
+
+
+def _plain(value):
+    """CSV and DataFrame round trips turn booleans into strings; switches want the values themselves."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return {"True": True, "False": False}.get(value, value) if isinstance(value, str) else value
