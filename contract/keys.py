@@ -110,12 +110,12 @@ MEMORY_COMPONENTS: dict[str, str] = {
     "params": "the model's parameters (fp32 master weights)",
     "grads": "parameter gradients",
     "optimizer": "AdamW's exp_avg and exp_avg_sq",
-    "act_attention": "activations saved by attention: q, k, v, scores/probabilities or logsumexp, its output",
-    "act_mlp": "activations saved by the MLPs: their inputs, the GELU input and output",
-    "act_norm": "activations saved by LayerNorms: inputs, mean, rstd",
+    "act_attention": "saved by, and backward temporaries of, attention: q, k, v, probabilities or logsumexp, output",
+    "act_mlp": "saved by, and backward temporaries of, the MLPs: their inputs, the GELU input and output",
+    "act_norm": "saved by, and backward temporaries of, the LayerNorms: inputs, mean, rstd",
     "act_residual": "the residual stream and embedding outputs kept for backward",
-    "logits_loss": "the LM head and loss: logits, log-probabilities, their gradients, loss temporaries",
-    "weight_copies": "bf16 copies of weights autocast keeps for backward",
+    "logits_loss": "the LM head and loss: logits, log-probabilities, their gradients, the head weight's bf16 copy",
+    "weight_copies": "bf16 copies of the blocks' weights that autocast keeps for backward",
     "other": "everything else live at the peak: workspaces, temporaries not attributed above",
 }
 _BREAKDOWN = tuple(
