@@ -1,0 +1,113 @@
+"""How long an exact `--find-max-batch` takes, and where the time goes: runs `python -m sweep.run --find-max-batch`
+for the techniques given and prints, per technique, the answer, what the scout (the search inside one fresh
+process) said, the fresh-process outcomes that prove the answer, the probes and rounds, and the wall time from
+the command's start to its end; then each probe's own timeline (fork to first step, training, and the gap to the
+previous probe on its GPU: Tune's scheduling and the worker's reset).
+
+    python bench/bench_max_batch.py --expect bf16_flash=1240 -- --techniques flash --data /tmp/pl10k        # H200
+    python bench/bench_max_batch.py --expect baseline=681 -- --techniques baseline --data /tmp/pl10k
+    python bench/bench_max_batch.py -- --device cpu --techniques baseline --max 3 --start 1 --data DIR ...   # CPU
+
+Everything after `--` goes to `python -m sweep.run --find-max-batch` (not --name, --storage-path, --verbose).
+`--expect LABEL=N` checks the answer against a known exact one (docs/results/max_batch_h200.md: the seed model
+at vocab 10,000, seq_len 512 on one H200: bf16_flash 1240, baseline 681). The tables come last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OWN_FLAGS = ("--name", "--storage-path", "--verbose", "--find-max-batch")
+
+
+def run_search(sweep_args: list[str], storage: Path) -> tuple[str, float]:
+    name = f"max-batch-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [sys.executable, "-m", "sweep.run", "--find-max-batch", *sweep_args, "--name", name, "--storage-path",
+           str(storage), "--verbose", "0"]
+    print(" ".join(cmd[1:]), file=sys.stderr, flush=True)
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.time() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_max_batch: error: the search failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    return str(storage / name), wall
+
+
+def _num(value, spec: str = ".1f") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def probe_rows(path: str) -> tuple[list[str], dict[str, dict]]:
+    """One row per probe trial (in start order) and, per technique label, what its scout said."""
+    import analysis
+
+    probes = analysis.load(path).probes.sort_values("process_start_time")
+    rows, scouts, last_end = [], {}, math.nan
+    for p in probes.to_dict("records"):
+        name = str(p["name"])
+        result = [json.loads(line) for line in (Path(path) / name / "result.json").read_text().splitlines()]
+        final = result[-1] if result else {}
+        scout = "scout_max_batch" in final
+        if scout:
+            scouts[str(final.get("label"))] = final
+        outcome = (f"scout: {final.get('scout_max_batch')} ({len(final.get('scout_outcomes') or [])} in-process)"
+                   if scout else str(p["status"]))
+        start, end = p["process_start_time"], p["trial_end_time"]
+        rows.append(f"| {name} | {int(p['batch_size'])} | {outcome} | {_num(p['first_step_start_time'] - start, '.2f')}"
+                    f" | {_num(end - start, '.2f')} | {_num(start - last_end, '.2f')} |")
+        last_end = end if math.isfinite(end) else last_end
+    return rows, scouts
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    own, sweep_args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--expect", action="append", default=[], metavar="LABEL=N", help="a known exact answer")
+    p.add_argument("--storage", default="results/bench_max_batch")
+    p.add_argument("--out", help="also write the tables to this markdown file")
+    args = p.parse_args(own)
+    try:
+        expected = {k: int(v) for k, v in (e.split("=", 1) for e in args.expect)}
+    except ValueError:
+        p.error("--expect takes LABEL=N, e.g. bf16_flash=1240")
+    if clash := [a for a in sweep_args if a.split("=")[0] in OWN_FLAGS]:
+        p.error(f"{clash[0]} is set by this script; leave it out of the search's arguments")
+    storage = Path(args.storage).resolve()
+    path, wall = run_search(sweep_args, storage)
+    records = json.loads((Path(path) / "max_batch.json").read_text())
+    rows, scouts = probe_rows(path)
+    summary = ["| technique | max batch | exact? | scout said | fresh outcomes | probes / rounds | search (s) | "
+               "command wall (s) |", "|---|---:|---|---:|---|---|---:|---:|"]
+    for r in records:
+        want = expected.get(r["label"])
+        exact = "-" if want is None else ("yes" if want == r["max_batch_size"] else f"NO (expected {want})")
+        scout = scouts.get(r["label"], {})
+        outcomes = ", ".join(f"{bs} {kind}" for bs, kind in r["outcomes"].items())
+        summary.append(f"| {r['label']} | {r['max_batch_size']} | {exact} | {scout.get('scout_max_batch', '-')} | "
+                       f"{outcomes} | {r['probes']} / {r['rounds']} | {r['wall_time_s']:.1f} | {wall:.1f} |")
+    per_probe = ["| probe | batch | outcome | fork to 1st step (s) | fork to end (s) | gap after previous (s) |",
+                 "|---|---:|---|---:|---:|---:|"] + rows
+    trained = [float(row.split(" | ")[4]) for row in rows if row.split(" | ")[4] != "-"]
+    text = ("\n".join(per_probe) + f"\n\nmedian probe, fork to end: {_num(statistics.median(trained) if trained else None, '.2f')} s"
+            f"\n\nsearch: python -m sweep.run --find-max-batch {' '.join(sweep_args)}  ->  {path}\n\n"
+            + "\n".join(summary) + "\n")
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0 if all(expected.get(r["label"], r["max_batch_size"]) == r["max_batch_size"] for r in records) else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    raise SystemExit(main())
