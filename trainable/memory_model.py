@@ -83,17 +83,29 @@ class MemoryConstants:
     context_mib: float = 550.0  # CUDA context + loaded kernels: outside the allocator, seen by nvidia-smi
     reserved_ratio: float = 1.08  # memory_reserved / max_memory_allocated (caching-allocator slack)
     # ... where a checkpointing mode changes it (see `reserved_ratio_for`); missing modes use reserved_ratio.
-    reserved_ratio_by_checkpointing: Mapping[str, float] = field(default_factory=lambda: {"full": 1.29})
+    reserved_ratio_by_checkpointing: Mapping[str, float] = field(default_factory=lambda: {"full": 1.289})
+    # ... and where the kernel changes it, by "<fp32|bf16>/<kernel>" (missing: reserved_ratio); see below.
+    reserved_ratio_by_kernel: Mapping[str, float] = field(default_factory=lambda: {
+        "fp32/eager": 1.017, "bf16/eager": 1.086, "bf16/sdpa_flash": 1.046, "bf16/flash_attn": 1.046,
+        "bf16/flex": 1.092})
     optimizer_temporaries: float = 1.0  # foreach AdamW temporaries, in fp32 copies of all params
 
     def scale(self, key: str) -> float:
         return float(self.activation_scale.get(key, 1.0))
 
-    def reserved_ratio_for(self, checkpointing: str) -> float:
+    def reserved_ratio_for(self, checkpointing: str, kernel_key: str | None = None) -> float:
         """Reserved over allocated peak at the memory edge, which is what decides the largest batch.
 
-        Measured on the H200 at the largest fitting batch: 1.01 (TF32 eager), 1.07 (bf16 eager), 1.09
-        (SDPA flash and flex). Full checkpointing leaves far more slack, 1.28-1.29 at every batch from 378
+        Fitted to the H200's max batches (docs/results/max_batch_h200.md, with the 32 GB cap and without) as
+        the ratio the predicted max batch needs against the budget `sweep.predict` computes; each value is the
+        middle of what the two measurements allow. TF32 eager 1.009-1.015 (cap) / 1.024-1.025 (whole GPU);
+        bf16 eager 1.093-1.100 / 1.073-1.074; flex 1.085-1.089 / 1.098-1.099, all within 1.2% of the measured
+        max batch. SDPA flash is the exception: 1.085-1.089 with the cap but 1.007-1.008 on the whole GPU,
+        where from batch ~1190 the allocator releases its cached blocks and packs the peak with 0.3 GiB to
+        spare, while flex, with the same allocated peak, keeps 21 GiB fragmented (its 1138 fails to allocate
+        21.7 GiB with 11.9 GiB free): no one constant serves both, 1.046 misses each by ~3.9%. The
+        max-batch search does not depend on it: its scout starts there and fresh probes prove the answer.
+        Full checkpointing leaves far more slack, 1.28-1.30 at every batch from 378
         to 1651 (1.27 at 128): each block's forward runs without autograd, so its whole activation set
         (under eager attention the b x a x s x s scores) is allocated and freed block after block, and
         again during the backward's recomputation. The caching allocator keeps those segments, sized
@@ -101,7 +113,9 @@ class MemoryConstants:
         of them, so they stay reserved next to the allocated peak. Selective checkpointing keeps the
         matmul outputs and recomputes only small elementwise temporaries: not measured, the default.
         """
-        return float(self.reserved_ratio_by_checkpointing.get(checkpointing, self.reserved_ratio))
+        if checkpointing in self.reserved_ratio_by_checkpointing:
+            return float(self.reserved_ratio_by_checkpointing[checkpointing])
+        return float(self.reserved_ratio_by_kernel.get(kernel_key or "", self.reserved_ratio))
 
 
 DEFAULT_CONSTANTS = MemoryConstants()
@@ -216,7 +230,8 @@ def predict_peak_memory(cfg: Any = None, *, constants: MemoryConstants = DEFAULT
         phases_mib={name: value / MIB + overhead for name, value in phases.items()},
         peak_mib=peak,
         phase=phase,
-        reserved_mib=peak * constants.reserved_ratio_for(spec.checkpointing),
+        reserved_mib=peak * constants.reserved_ratio_for(spec.checkpointing,
+                                                         f"{'bf16' if spec.autocast else 'fp32'}/{spec.kernel}"),
         context_mib=constants.context_mib,
         components_mib=by_phase[phase],
         phase_components_mib=by_phase,
