@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     per_probe = ["| probe | batch | outcome | fork to 1st step (s) | fork to end (s) | gap after previous (s) |",
                  "|---|---:|---|---:|---:|---:|"] + rows
     trained = [float(row.split(" | ")[4]) for row in rows if row.split(" | ")[4] != "-"]
-    text = ("\n".join(per_probe) + f"\n\nmedian probe, fork to end: {_num(statistics.median(trained) if trained else None, '.2f')} s"
+    median = _num(statistics.median(trained) if trained else None, ".2f")
+    text = ("\n".join(per_probe) + f"\n\nmedian probe, fork to end: {median} s"
             f"\n\nsearch: python -m sweep.run --find-max-batch {' '.join(sweep_args)}  ->  {path}\n\n"
             + "\n".join(summary) + "\n")
     if args.out:

@@ -23,6 +23,7 @@ function-trainable session; none: the trainable's own host work only; tune: all 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import queue
@@ -53,7 +54,7 @@ MODIFIERS: dict[str, dict] = {"compile": {"compile": True}, "fused_ce": {"loss":
 
 
 def write_synthetic_dataset(root: Path, *, vocab_size: int, seq_len: int, rows: dict[str, int], seed: int = 0) -> Path:
-    """A Contract 1 dataset of uniformly random tokens (speed does not depend on the text)."""
+    """A Contract 1 dataset of uniformly random tokens (speed does not depend on the text), sweep-ready."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
@@ -69,9 +70,10 @@ def write_synthetic_dataset(root: Path, *, vocab_size: int, seq_len: int, rows: 
         path = root / split / "00000.arrow"
         with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, schema) as writer:
             writer.write_batch(pa.record_batch([column], schema=schema))
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
         splits[split] = {"num_documents": n, "num_tokens": n * row_len, "num_rows": n, "num_pad_tokens": 0,
                          "shards": [{"path": f"{split}/00000.arrow", "num_rows": n, "num_tokens": n * row_len,
-                                     "num_bytes": path.stat().st_size, "sha256": ""}]}
+                                     "num_bytes": path.stat().st_size, "sha256": digest}]}
     manifest = {"format_version": 1, "tokenizer": "bpe", "tokenizer_path": "tokenizer.json", "vocab_size": vocab_size,
                 "seq_len": seq_len, "row_len": row_len, "eot_id": 0, "dtype": dtype, "seed": seed,
                 "sources": ["synthetic uniform tokens (bench)"], "splits": splits}
@@ -154,8 +156,7 @@ def plain_loop(cfg: TrialConfig, steps: int, warmup: int, on_step=None) -> dict:
 
 
 def trainable_loop(cfg: TrialConfig, steps: int, warmup: int, report_kind: str, checkpoint_io=None) -> dict:
-    """run_trial with measurement and a report per step; speed from the report arrival times (a checkpoint's
-    report arrives once the checkpoint is written and registered: bench_checkpoint.py)."""
+    """run_trial with measurement and a report per step; speed from the report arrival times."""
     report, arrivals, step_times, peaks = make_report(report_kind), {}, {}, []
 
     def record(metrics: dict) -> None:

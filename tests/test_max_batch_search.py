@@ -212,7 +212,8 @@ def test_an_expected_answer_is_confirmed_or_corrected_by_fresh_probes(limit, k, 
     expect = max(0, limit + off)
     res = MaxBatchSearch(start=32, max_batch_size=4096, parallelism=k, expect=expect).run(gpu)
     assert res.max_batch_size == limit and res.status == "ok" and not res.hit_upper_bound
-    assert res.history[limit + 1].kind is OutcomeKind.OOM and (limit == 0 or res.history[limit].kind is OutcomeKind.FITS)
+    assert res.history[limit + 1].kind is OutcomeKind.OOM
+    assert limit == 0 or res.history[limit].kind is OutcomeKind.FITS
     assert all(len(r) <= k for r in gpu.rounds) and len(gpu.probed) == len(set(gpu.probed))
     if off == 0:  # an exact scout: the pair at the edge, in one round when k >= 2
         assert (res.probes, res.rounds) == ((1 if limit == 0 else 2), 1 if k > 1 or limit == 0 else 2)

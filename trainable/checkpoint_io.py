@@ -4,7 +4,8 @@ A checkpoint directory holds a state file (torch.save of tensors and plain Pytho
 `MANIFEST_FILE`, written last, naming the state file with its size and sha256. Each state gets a new file
 name (its step), the manifest is replaced atomically, and only then are older states deleted: a write killed
 at any moment leaves the manifest naming a whole state, the new one or the one before (never a file being
-written, never one whose rename outran its manifest). A reader trusts only a manifest whose file matches it. States are loaded with `torch.load(weights_only=True)`: a checkpoint in shared storage that
+written, never one whose rename outran its manifest). A reader trusts only a manifest whose file matches it.
+States are loaded with `torch.load(weights_only=True)`: a checkpoint in shared storage that
 holds anything but tensors and plain data (which could run code when unpickled) is refused.
 
 A checkpoint is reported together with the report of the step it belongs to, so the metrics history and
