@@ -45,6 +45,7 @@ def test_reported_outcomes():
     assert classify_probe({"step": 2}, None, 3).kind is OutcomeKind.ERROR  # never reported a final result
 
 
+@pytest.mark.slow
 def test_cpu_search_end_to_end(ray_local, sample_dataset, tmp_path):
     """On CPU nothing runs out of memory: the search must climb to the --max bound. The scout climbs inside one
     process (1, 2, 3), then one fresh probe confirms 3; every probe trains in a fresh fork of a reused worker."""

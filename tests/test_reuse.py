@@ -40,7 +40,7 @@ def test_a_trial_says_where_its_start_went(sample_dataset):
         assert final["process_id"] == os.getpid()
     assert second["process_trials_before"] == first["process_trials_before"] + 1
     # the process and its imports are the same; the second trial began after the first one ended
-    assert second["process_start_time"] == first["process_start_time"]
+    assert second["process_start_time"] == pytest.approx(first["process_start_time"], abs=0.05)  # 10 ms ticks
     assert second["imports_done_time"] == first["imports_done_time"] <= first["trial_start_time"]
     assert second["trial_start_time"] >= first["trial_end_time"]
 
