@@ -11,6 +11,7 @@ from contract.keys import keys_of
 from trainable import RayMetricsExporter, TrialConfig, TuneCheckpointIO, run_trial, tune_trainable
 
 STEP_KEYS = set(keys_of("step", "fact"))
+pytestmark = pytest.mark.slow  # every test here starts trials on a local Ray
 
 
 def tiny(data, **kw) -> dict:
