@@ -143,8 +143,13 @@ class ProbeServer:
 
 def serve() -> None:
     """The probe server: import torch and the training code once, then fork one child per request. It ends
-    when its stdin does (its worker exited or died), killing a child still running."""
+    when its stdin does (its worker exited or died), killing a child still running.
+
+    A fork may use CUDA only if this process never initialised the CUDA driver: `is_available()` checks here
+    go through NVML, and should anything have loaded the driver anyway, each probe is a new interpreter
+    instead (slower, as fresh)."""
     out_fd = int(os.environ.pop(_FD_ENV))
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # a device-count check here must not initialise CUDA
     import torch
     import torch._dynamo  # noqa: F401 - torch.optim's optimizers import it on first use: 2-3 s a process
 
@@ -152,14 +157,39 @@ def serve() -> None:
     import trainable.trial  # noqa: F401
 
     for line in sys.stdin:
-        if torch.cuda.is_initialized():  # a fork would share this context: never happens, never allowed
-            raise RuntimeError("the probe server initialised CUDA")
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            _child(json.loads(line), out_fd)
+        if torch.cuda.is_initialized() or _cuda_driver_loaded():
+            pid = _spawn(line, out_fd)
+        else:
+            pid = os.fork()
+            if pid == 0:
+                os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+                _child(json.loads(line), out_fd)
         os.write(out_fd, (json.dumps({"exit": _wait(pid)}) + "\n").encode())
+
+
+def _cuda_driver_loaded() -> bool:
+    """libcuda mapped into this process: something initialised (or may have) the driver, and a fork of a
+    process with an initialised driver cannot use CUDA."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "libcuda.so" in f.read()
+    except OSError:
+        return False
+
+
+def _spawn(line: str, out_fd: int) -> int:
+    """The probe in a new interpreter (the fallback when a fork could not use CUDA); its pid."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    proc = subprocess.Popen([sys.executable, "-c", f"from sweep.probe import _child; import json, sys; "
+                             f"_child(json.loads(sys.stdin.readline()), {out_fd})"],
+                            stdin=subprocess.PIPE, pass_fds=(out_fd,), env=env, text=True)
+    proc.stdin.write(line)
+    proc.stdin.close()
+    return proc.pid
 
 
 def _wait(pid: int) -> int:
