@@ -179,6 +179,20 @@ def reset_process(device: torch.device) -> None:
     torch.cuda.reset_accumulated_memory_stats(index)
 
 
+def prepare_process(run: "Run", reused: bool, timeline) -> None:
+    """This process ready for `run`: reset if it ran a trial before, RNGs seeded, the CUDA context created
+    (each milestone on the trial's `measure.Timeline`)."""
+    from .measure import cuda_ready
+
+    if reused:
+        reset_process(run.device)
+    seed_rngs(run.cfg.seed)
+    timeline.mark("data_ready_time")
+    cuda_ready(run.device)
+    if run.device.type == "cuda":
+        timeline.mark("cuda_ready_time")
+
+
 @dataclass
 class Run:
     """What a run is made of, resolved from its config on this machine (no GPU work yet)."""

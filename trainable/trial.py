@@ -40,13 +40,13 @@ from .checkpoint_io import CheckpointIO, TuneCheckpointIO, check_resumable
 from .compile_policy import CompileWatch, build_forward_loss, release_compiled
 from .config import TrialConfig
 from .losses import LOSSES, loss_for
-from .measure import NOT_MEASURED, Timeline, cuda_ready, is_oom_error, probes_for, process_start_time, to_host_async
+from .measure import NOT_MEASURED, Timeline, is_oom_error, probes_for, process_start_time, to_host_async
 from .observe import RayMetricsExporter
 from .precision import tf32_matmuls
 from .reporter import AsyncReporter, Snapshotter
 from .reports import Position, oom_report, run_facts, step_report, totals
-from .setup import (Run, build_optimizer, build_run, gpu_memory_limit, lr_multiplier, reset_process, rng_state,
-                    seed_rngs, set_rng_state)
+from .setup import (Run, build_optimizer, build_run, gpu_memory_limit, lr_multiplier, prepare_process, rng_state,
+                    set_rng_state)
 
 Report = Callable[[dict[str, Any]], None]
 # This process: when it had imported torch and the training code, and how many trials it has run (a Tune
@@ -358,13 +358,7 @@ def run_trial(cfg: TrialConfig, report: Report, *, checkpoint_io: CheckpointIO |
     timeline = Timeline(_PROCESS["imported"], _PROCESS["trials"], process_start_time())  # a fork's own start
     reused, _PROCESS["trials"] = _PROCESS["trials"] > 0, _PROCESS["trials"] + 1
     run = build_run(cfg)
-    if reused:
-        reset_process(run.device)
-    seed_rngs(cfg.seed)
-    timeline.mark("data_ready_time")
-    cuda_ready(run.device)
-    if run.device.type == "cuda":
-        timeline.mark("cuda_ready_time")
+    prepare_process(run, reused, timeline)
     exporter = exporter if exporter is not None else RayMetricsExporter(cfg.label, cfg.batch_size)
     snapshotter = Snapshotter(run.device)
     reporter = AsyncReporter(report, checkpoint_io, snapshotter, on_report=exporter.record,
