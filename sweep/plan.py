@@ -155,7 +155,8 @@ def describe_grid(grid: list[dict[str, Any]], what: str) -> str:
               if any(p.get(k) for p in grid)] or ["1 epoch"]
     budget = [b.replace("1 epochs", "1 epoch") for b in budget]
     count = f"{len(grid)} trial{'s' if len(grid) != 1 else ''}"
-    return (f"{what}: {count}, {span('n_layers')} layers x d_model {span('d_model')}, seq_len {span('seq_len')}, "
+    layers = f"{span('n_layers')} layer{'' if span('n_layers') == '1' else 's'}"
+    return (f"{what}: {count}, {layers} x d_model {span('d_model')}, seq_len {span('seq_len')}, "
             f"{' / '.join(budget)} each")
 
 

@@ -26,6 +26,9 @@ from ray import tune
 from contract.experiment import GRID_KEY
 
 FINISHED = ("TERMINATED", "ERROR")
+# This driver's --verbose (set by `quiet_tune`): a resumed sweep runs the TrialLines Tune pickled with the
+# experiment, whose own verbosity is the first run's.
+_VERBOSE: int | None = None
 # Tune's loggers whose lines the compact output says in its own words (or that say nothing wrong).
 TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
 
@@ -47,11 +50,12 @@ def summary(result: dict[str, Any]) -> str:
     if result.get("status") == "oom":
         reserved = _num(result.get("mem_reserved_mib"), ",.0f", " MiB reserved")
         return "  ".join(p for p in (f"step {result.get('step')}", f"in {result.get('oom_phase')}", reserved) if p)
+    if result.get("status") == "nan":
+        return f"the loss became {result.get('loss')} at step {result.get('step')}: training stopped"
     peak = _num(result.get("mem_step_peak_mib"), ",.0f", " MiB")
     speed = result.get("wall_tokens_per_s") if result.get("final") else result.get("tokens_per_s")
     loss = result.get("loss")
-    parts = [f"step {result['step']}" if "step" in result else None,
-             f"loss {loss:.3f}" if _num(loss, ".3f") else (f"loss {loss}" if isinstance(loss, float) else None),
+    parts = [f"step {result['step']}" if "step" in result else None, f"loss {loss:.3f}" if _num(loss, ".3f") else None,
              f"peak {peak}" if peak else None, _speed(speed)]
     return "  ".join(p for p in parts if p)
 
@@ -98,6 +102,7 @@ class TrialLines(tune.Callback):
         """Also called when a pickled instance starts a resumed run: the clock starts again."""
         self.t0, self.reconciled = time.monotonic(), False
         self.total = total_num_samples or self.total
+        self.verbose = self.verbose if _VERBOSE is None else min(_VERBOSE, 1)
 
     def _print(self, text: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.0f}s] {text}", file=sys.stderr, flush=True)
@@ -171,7 +176,10 @@ class TuneNoise(logging.Filter):
 
 
 def quiet_tune(verbose: int) -> None:
-    """Install `TuneNoise` on Tune's loggers below --verbose 2 (once per process)."""
+    """This driver's output level: `TuneNoise` on Tune's loggers below --verbose 2 (once per process), and the
+    level every TrialLines of the run prints at, a restored one included."""
+    global _VERBOSE
+    _VERBOSE = verbose
     if verbose >= 2:
         return
     for name in TUNE_LOGGERS:
