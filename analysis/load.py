@@ -129,11 +129,13 @@ def _stat(rows: pd.DataFrame, key: str, how: str) -> float | None:
 
 
 def _status(tune_status: str, error: str | None, final: dict) -> str:
-    if error is not None or tune_status == "ERROR":
+    """A trial that ended in a final report has that report's status, even when an earlier attempt failed and
+    left an error.txt (it restarted from a checkpoint and finished); one Tune marks ERROR did not finish."""
+    if tune_status == "ERROR":
         return "error"
     if final.get("final") is True and final.get("status") in TRIAL_STATUSES:
         return final["status"]
-    return "incomplete"
+    return "error" if error is not None else "incomplete"
 
 
 def _memory(steps: pd.DataFrame, reports: pd.DataFrame) -> dict[str, float | None]:

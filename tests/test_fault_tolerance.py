@@ -148,8 +148,11 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(sample_dataset, tmp_pat
     assert final_run[-1]["final"] is True and final_run[-1]["status"] == "ok"
     assert len(list(trial_dir.glob("checkpoint_*"))) == 1  # CheckpointConfig(num_to_keep=1)
     # The results keep each step once: the latest attempt's report of it, i.e. the run the restarts add up to.
-    steps = analysis.load(tmp_path / "ft").steps
+    loaded = analysis.load(tmp_path / "ft")
+    steps = loaded.steps
     assert steps["step"].tolist() == list(range(1, STEPS + 1))
+    # it finished after its restarts: ok, though the killed attempts left an error.txt behind
+    assert loaded.trials["status"].tolist() == ["ok"] and (trial_dir / "error.txt").exists()
     assert steps["loss"].tolist() == [r["loss"] for r in final_run]
 
     # Same numbers as a run nobody interrupted: model, optimizer, scheduler, data position and RNG all restored.
