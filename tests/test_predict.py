@@ -37,6 +37,7 @@ def _cfg(**kw) -> TrialConfig:
     return TrialConfig.from_dict({"batch_size": 32, "vocab_size": 10000, "data_dir": "/d", "device": "cuda", **kw})
 
 
+@pytest.mark.slow
 def test_cli_table_lists_every_seed_config_with_its_budget():
     t0 = time.monotonic()
     proc = _cli()
@@ -55,6 +56,7 @@ def test_cli_table_lists_every_seed_config_with_its_budget():
     assert all(ln[start - 1] == " " and ln[start].isdigit() for ln in body)
 
 
+@pytest.mark.slow
 def test_cli_json_has_one_object_per_config_with_the_contract_keys():
     proc = _cli("--json", "--techniques", "baseline", "flash", "window", "--windows", "16",
                 "--batch-sizes", "32", "64", "--gpu-memory-gb", "24")
@@ -155,6 +157,7 @@ BAD_INPUT = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_predict_input_exits_2_with_one_line():
     procs = [subprocess.Popen([sys.executable, "-m", "sweep.run", "--predict", *args], cwd=ROOT, env=ENV,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, _ in BAD_INPUT]
@@ -170,6 +173,7 @@ def test_bad_predict_input_exits_2_with_one_line():
         assert proc.returncode == 2 and needle in proc.stderr and proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_compiled_configs_are_flagged_as_an_eager_upper_bound():
     """torch.compile is not modelled: a compiled row says its number is the eager step's, in JSON and in the table."""
     proc = _cli("--json", "--techniques", "flash", "flash_compile", "--batch-sizes", "64")

@@ -54,6 +54,7 @@ def test_gpu_memory_gb_reaches_every_trial_config():
     assert [p["gpu_memory_gb"] for p in plan.grid] == [12.5] and plan.use_gpu
 
 
+@pytest.mark.slow
 def test_small_sweep_end_to_end(ray_local, sample_dataset, tmp_path):
     from ray import tune
 
@@ -95,6 +96,7 @@ BAD_INPUT = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_cli_input_exits_2_with_one_line_before_ray_starts(tmp_path):
     """All cases run at once (2 cores): each must fail on validation, long before a Ray start would end."""
     env = {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -133,3 +135,98 @@ def test_trials_predicted_not_to_fit_are_named_before_any_run(sample_dataset):
     assert predicted_oom_notice(plan_sweep(unknown, gpus=1), local_mib=None) is None
     cpu = replace(cfg, device="cpu", techniques=("baseline",), gpu_memory_gb=None)
     assert predicted_oom_notice(plan_sweep(cpu, gpus=0), local_mib=24564.0) is None
+
+
+# -- what the sweep says about the grid it runs -------------------------------------------------------------
+def test_the_cpu_notice_describes_the_grid_that_actually_runs(sample_dataset):
+    plan = plan_sweep(SweepConfig(data_dir=str(sample_dataset), overrides={"max_steps": 600}), gpus=0)
+    assert plan.preset_name == "cpu" and {p["max_steps"] for p in plan.grid} == {600}
+    assert plan.notice == ("notice: no GPU in the Ray cluster: running the CPU grid: 8 trials, 2 layers x d_model 64, "
+                           "seq_len 64, 600 steps each; use --preset seed on a GPU machine for the real sweep")
+    tokens = plan_sweep(SweepConfig(data_dir=str(sample_dataset), overrides={"max_tokens": 5000}), gpus=0)
+    assert "30 steps / 5000 tokens each" in tokens.notice  # both budgets; the first reached ends a trial
+    assert plan_sweep(SweepConfig(data_dir=str(sample_dataset), verbose=0), gpus=0).notice is None
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ({"batch_sizes": (4,)}, {"bf16_window16_bs4", "baseline_bs4", "sac_bs4"}),
+    ({"windows": (8,)}, {"bf16_window8_bs8", "bf16_window8_gradcp_bs16", "gradcp_bs16"}),
+])
+def test_a_grid_of_flags_alone_on_a_cpu_takes_the_techniques_a_cpu_runs_and_says_so(given, expected, sample_dataset):
+    plan = plan_sweep(SweepConfig(data_dir=str(sample_dataset), **given), gpus=0)
+    assert plan.preset_name == "custom" and not plan.use_gpu
+    assert expected <= set(plan.names) and not any("flash" in n or "compile" in n for n in plan.names)
+    assert {p["device"] for p in plan.grid} == {"cpu"}
+    assert plan.notice.startswith("notice: no GPU: the grid uses the techniques a CPU runs (baseline, fp32, bf16, ")
+    assert f": the custom CPU grid: {len(plan.grid)} trials, 2 layers x d_model 64, seq_len 64, 30 steps each" \
+        in plan.notice
+
+
+def _saved_experiment(storage: Path, grid: list[dict], statuses: dict[str, str]) -> Path:
+    """An experiment as a killed sweep leaves it: the grid it saved and Tune's state of its trials."""
+    import json
+
+    exp = storage / "exp"
+    exp.mkdir(parents=True)
+    (exp / "sweep_grid.json").write_text(json.dumps({"preset": "cpu", "use_gpu": False, "grid": grid}))
+    trials = [[json.dumps({"relative_logdir": name, "status": status}), "{}"] for name, status in statuses.items()]
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trials}))
+    return exp
+
+
+def test_a_resumed_sweep_says_which_grid_it_resumes_and_keeps_its_saved_points(sample_dataset, tmp_path):
+    first = plan_sweep(SweepConfig(data_dir=str(sample_dataset), overrides={"max_steps": 600}), gpus=0)
+    older = [{k: v for k, v in p.items() if k != "tie_embeddings"} for p in first.grid]  # saved by older code
+    _saved_experiment(tmp_path, older, {first.names[0]: "TERMINATED", first.names[1]: "RUNNING"})
+    plan = plan_sweep(SweepConfig(resume=True, name="exp", storage_path=str(tmp_path)), gpus=0)
+    assert plan.notice == ("notice: resuming the cpu grid: 8 trials, 2 layers x d_model 64, seq_len 64, 600 steps "
+                           "each; 1 finished, 7 to run")
+    assert plan.grid == older  # Tune restores only the param space it saved: no field added since
+    assert plan.names == first.names and plan.data_dir == str(sample_dataset)
+
+
+def test_resume_refuses_when_every_saved_state_is_damaged(sample_dataset, tmp_path):
+    exp = _saved_experiment(tmp_path, plan_sweep(SweepConfig(data_dir=str(sample_dataset)), gpus=0).grid, {})
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text("{cut sh")
+    with pytest.raises(SweepError, match="every experiment_state-.*json in .* is damaged"):
+        plan_sweep(SweepConfig(resume=True, name="exp", storage_path=str(tmp_path)), gpus=0)
+
+
+def test_dry_run_lists_what_would_run_and_writes_nothing(sample_dataset, tmp_path, capsys):
+    from sweep.run import main
+
+    assert main(["--dry-run", "--data", str(sample_dataset), "--storage-path", str(tmp_path), "--name", "dry"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"dry run: 8 trials (cpu grid) -> {tmp_path / 'dry'}; nothing runs"
+    assert out[1].startswith("notice: no GPU in the Ray cluster: running the CPU grid: 8 trials")
+    assert out[2].split() == ["trial", "device", "batch", "seq_len", "predicted", "peak", "(MiB)", "fits"]
+    rows = [line.split() for line in out[4:12]]
+    assert [r[0] for r in rows] == plan_sweep(SweepConfig(data_dir=str(sample_dataset)), gpus=0).names
+    assert all(r[1] == "cpu" and r[4].isdigit() and r[-1] == "-" for r in rows)  # CUDA peak; fits: not for a CPU
+    assert out[-2].startswith("predicted peak: what one training step would allocate on a CUDA GPU")
+    assert out[-1].startswith("assumed: vocab 512; budget ")
+    assert not any(tmp_path.iterdir())
+
+
+def test_dry_run_rows_of_a_gpu_grid_say_whether_each_trial_fits(sample_dataset):
+    from sweep.predict import dry_run_rows
+
+    cfg = SweepConfig(techniques=("baseline", "sac"), batch_sizes=(4, 4096), device="cuda", gpu_memory_gb=2.0,
+                      data_dir=str(sample_dataset), overrides={"seq_len": 64})
+    rows, assumed = dry_run_rows(plan_sweep(cfg, gpus=1))
+    fits = {r["trial"]: (r["predicted peak (MiB)"], r["fits"]) for r in rows}
+    assert fits["baseline_bs4"][1] is True and fits["baseline_bs4096"][1] is False
+    assert fits["sac_bs4"] == ("not modelled", None)
+    assert "budget 2048 MiB = --gpu-memory-gb 2" in assumed
+
+
+def test_the_tensorboard_line_names_the_experiment_only_when_it_has_event_files(tmp_path, monkeypatch):
+    from sweep.run import tensorboard_line
+
+    exp = tmp_path / "results" / "exp"
+    (exp / "baseline_bs4").mkdir(parents=True)
+    assert tensorboard_line(str(exp)) is None
+    (exp / "baseline_bs4" / "events.out.tfevents.1.host").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert tensorboard_line(str(exp)).startswith("TensorBoard: tensorboard --logdir results/exp")
+    assert tensorboard_line(f"file://{exp}").startswith(f"TensorBoard: tensorboard --logdir file://{exp}")

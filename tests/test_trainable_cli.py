@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from trainable.cli import build_parser, config_from_args, main
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--n-layers", "2", "--d-model", "32", "--n-heads", "4", "--ff-dim", "64",
         "--seq-len", "64", "--batch-size", "4", "--warmup-steps", "1"]
 
@@ -80,9 +84,31 @@ def test_usage_errors_are_one_line(capsys):
     assert info.value.code == 2 and "invalid int value: 'many'" in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_module_entry_point_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "trainable", "--data", str(tmp_path), "--flash-attn", "--bf16",
                            "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("python -m trainable: error: flash attention needs a CUDA GPU; "
                                    "use --device cuda or technique bf16")
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_as_written_on_the_sample_make_run_prepares(tmp_path):
+    from data_prep import prepare_dataset
+    from sweep.grid import CPU_OVERRIDES
+    from sweep.plan import SAMPLE_VOCAB
+
+    [line] = re.findall(r"^python -m trainable .*$", (ROOT / "README.md").read_text(), re.M)
+    argv = shlex.split(line, comments=True)
+    data = argv[argv.index("--data") + 1]
+    vocab, seq_len = SAMPLE_VOCAB["cpu"], CPU_OVERRIDES["seq_len"]
+    assert data == f"prepared/sample-bpe{vocab}-s{seq_len}"  # where `make run` prepares the sample on a CPU machine
+    prepare_dataset(out_dir=tmp_path / data, tokenizer="bpe", vocab_size=vocab, seq_len=seq_len, seed=0,
+                    progress=False)
+    proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"done in [\d.]+s, val_loss \d", proc.stdout), proc.stdout
+    out = tmp_path / argv[argv.index("--metrics-out") + 1]
+    assert len(out.read_text().splitlines()) == int(argv[argv.index("--max-steps") + 1])

@@ -1,6 +1,7 @@
 """TrialConfig: presets, labels, the dict round trip and every rejection (pure; no torch work)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -153,3 +154,20 @@ def test_relative_data_dir_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     c = TrialConfig.from_dict({"data_dir": "prepared"})
     assert c.data_dir == str(tmp_path / "prepared") and TrialConfig.from_dict(c.to_dict()) == c
+
+
+FLOAT_FIELDS = [f.name for f in dataclasses.fields(TrialConfig) if str(f.type).split(" |")[0] == "float"]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_every_float_knob_refuses_what_is_not_a_finite_number(name, value):
+    """`--lr nan`, `--weight-decay inf`, `--checkpoint-minutes inf` ...: one line, before anything runs."""
+    with pytest.raises(ConfigError) as info:
+        cfg(**{name: value})
+    assert str(info.value) == f"{name} must be a finite number, got {value}"
+
+
+def test_the_float_knobs_are_the_ones_the_cli_offers():
+    assert {"lr", "weight_decay", "min_lr_ratio", "grad_clip", "gpu_memory_gb", "checkpoint_minutes",
+            "peak_flops"} <= set(FLOAT_FIELDS)

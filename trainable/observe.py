@@ -7,6 +7,10 @@ memory and speed of every running trial. It is active only inside a Ray process
 (`ray.is_initialized()`); elsewhere recording is a no-op. The gauges are created on the first
 report; recording is a handful of host-side calls made after the next step is queued, like the rest
 of the reporting, so it stays off the GPU's critical path.
+
+Names and labels are a contract: `dashboards/memeff_grafana.json` queries `ray_<GAUGES key>` by the
+TAG_KEYS (and Ray's own `SessionName`), and tests/test_dashboard.py checks both against a real scrape;
+docs/dashboard.md sets up Prometheus and Grafana.
 """
 from __future__ import annotations
 
