@@ -90,7 +90,21 @@ def forget_missing_checkpoints(trials) -> int:
     return dropped
 
 
-class TrialLines(tune.Callback):
+class MissingCheckpoints(tune.Callback):
+    """`forget_missing_checkpoints` once, before the run's first step (also of a restored run: Tune pickles its
+    callbacks with the experiment). TrialLines is one; a sweep without TrialLines (--verbose 2) can install
+    this alone."""
+
+    def setup(self, **info) -> None:
+        self.reconciled = False
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if not getattr(self, "reconciled", False):
+            self.reconciled = True
+            forget_missing_checkpoints(trials)
+
+
+class TrialLines(MissingCheckpoints):
     """Prints one line per trial event to stderr: errors always, the rest at verbose >= 1."""
 
     def __init__(self, total: int, verbose: int = 1):
@@ -100,7 +114,8 @@ class TrialLines(tune.Callback):
 
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
         """Also called when a pickled instance starts a resumed run: the clock starts again."""
-        self.t0, self.reconciled = time.monotonic(), False
+        super().setup()
+        self.t0 = time.monotonic()
         self.total = total_num_samples or self.total
         self.verbose = self.verbose if _VERBOSE is None else min(_VERBOSE, 1)
 
@@ -114,11 +129,6 @@ class TrialLines(tune.Callback):
     def _count(self, trials, trial) -> str:
         done = 1 + sum(t.status in FINISHED for t in trials if t is not trial)
         return f"[{done}/{max(self.total, len(trials))}]"
-
-    def on_step_begin(self, iteration, trials, **info) -> None:
-        if not getattr(self, "reconciled", False):
-            self.reconciled = True
-            forget_missing_checkpoints(trials)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         if self.verbose < 1:

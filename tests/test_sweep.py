@@ -230,3 +230,17 @@ def test_the_tensorboard_line_names_the_experiment_only_when_it_has_event_files(
     monkeypatch.chdir(tmp_path)
     assert tensorboard_line(str(exp)).startswith("TensorBoard: tensorboard --logdir results/exp")
     assert tensorboard_line(f"file://{exp}").startswith(f"TensorBoard: tensorboard --logdir file://{exp}")
+
+
+def test_a_trial_line_says_how_the_trial_ended():
+    from sweep.progress import summary
+
+    assert summary({"status": "ok", "final": True, "step": 100, "loss": 5.2104, "mem_step_peak_mib": 15016.0,
+                    "wall_tokens_per_s": 1.51e6, "tokens_per_s": 9.9e9}) == \
+        "step 100  loss 5.210  peak 15,016 MiB  1.51M tok/s"  # the final line: the wall-clock speed
+    assert summary({"status": "ok", "step": 30, "loss": 6.75, "mem_step_peak_mib": float("nan"),
+                    "tokens_per_s": 23400.0}) == "step 30  loss 6.750  23.4k tok/s"  # CPU: no memory measured
+    assert summary({"status": "nan", "step": 2, "loss": float("nan")}) == \
+        "the loss became nan at step 2: training stopped"
+    assert summary({"status": "oom", "step": 1, "oom_phase": "backward", "mem_reserved_mib": 80123.0}) == \
+        "step 1  in backward  80,123 MiB reserved"

@@ -112,3 +112,13 @@ def test_the_readme_example_runs_as_written_on_the_sample_make_run_prepares(tmp_
     assert re.search(r"done in [\d.]+s, val_loss \d", proc.stdout), proc.stdout
     out = tmp_path / argv[argv.index("--metrics-out") + 1]
     assert len(out.read_text().splitlines()) == int(argv[argv.index("--max-steps") + 1])
+
+
+def test_a_loss_that_goes_nan_ends_the_run_with_one_line_and_exit_1(sample_dataset, tmp_path, capsys):
+    out = tmp_path / "m.jsonl"
+    code = main(["--data", str(sample_dataset), *TINY, "--lr", "1e30", "--max-steps", "20", "--log-every", "0",
+                 "--metrics-out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and re.fullmatch(r"baseline: the loss became (nan|inf) at step \d+; training stopped", err), err
+    final = json.loads(out.read_text().splitlines()[-1])
+    assert final["final"] is True and final["status"] == "nan" and final["step"] < 20

@@ -1,6 +1,6 @@
 """`python -m trainable`: one trial from the command line (flags compatible with the seed's train.py).
 
-    python -m trainable --data prepared/sample-bpe1024-s64 --device cpu --seq-len 64 --max-steps 20
+    python -m trainable --data prepared/sample-bpe1024-s64 --seq-len 64 --n-layers 2 --d-model 128 --max-steps 20
     python -m trainable --data DIR --bf16 --flash-attn --batch-size 32 --max-steps 200
     python -m trainable --data DIR --technique window --window-size 16 --metrics-out m.jsonl
     python -m trainable --data DIR --technique flash --checkpointing selective --compile
@@ -31,8 +31,9 @@ SEED_ALIASES = {"bf16": {"precision": "bf16"}, "flash_attn": {"attention": "flas
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="python -m trainable", description=__doc__.split("\n\n")[0],
-                      epilog="Seed aliases: --bf16, --flash-attn, --window-size W, --gradient-checkpointing.")
+    p = OneLineParser(prog="python -m trainable", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="Exit status: 0 done (an OOM is a result too), 1 the loss became NaN, 2 bad input, "
+                             "130 interrupted.")
     seed = p.add_argument_group("the seed's flags")
     seed.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     seed.add_argument("--flash-attn", action="store_true", help="FlashAttention (needs CUDA and bf16)")
@@ -124,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"python -m trainable: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("python -m trainable: interrupted" + (f"; --checkpoint-dir {args.checkpoint_dir} resumes it"
+                                                     if args.checkpoint_dir else ""), file=sys.stderr)
+        return 130
     status = final.get("status")
     if status == "oom":
         print(f"{cfg.label}: out of memory in {final['oom_phase']} at batch size {cfg.batch_size}")
