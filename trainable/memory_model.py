@@ -174,7 +174,10 @@ def _phase_parts(spec: MemorySpec, constants: MemoryConstants) -> tuple[dict[str
     copies_bwd = autocast_weight_copy_parts(spec, blocks=not checkpointed)
     resident = params + states + batch
     kept = activations + embedding + head.saved_parts
-    recompute = scale * layer.saved_parts if checkpointed else Parts()
+    # A recomputed block saves its activations again, except its first LayerNorm's input: that is the block's
+    # input, which checkpointing kept (counted in `activations`), the same tensor rather than a copy.
+    block_input = Parts(act_residual=RESIDUAL_BYTES * tokens_hidden)
+    recompute = scale * (layer.saved_parts - block_input) if checkpointed else Parts()
     transients = {
         "forward": head.forward_parts,
         "backward_start": head.backward_parts,

@@ -132,12 +132,14 @@ def _norm_output_owner(spec: MemorySpec, consumer: str) -> str:
 
 
 def eager_backward_bytes(spec: MemorySpec) -> float:
-    """Eager attention's backward peak over what the layer keeps: the fp32 gradient of the probabilities and
-    the softmax's fp32 input gradient (8 a s^2 b), less the bf16 probabilities the first bmm's backward has
-    released by then under bf16 (2 a s^2 b)."""
+    """Eager attention's backward peak over what the layer keeps, three fp32 score-sized buffers alive at once
+    (12 a s^2 b): the gradient of the probabilities (its fp32 cast under bf16), the softmax's input gradient,
+    and masked_fill's backward, which writes a new tensor rather than masking in place; under bf16 less the
+    bf16 probabilities the first bmm's backward has released by then (2 a s^2 b). Measured on an H200 at
+    seq_len 512-8192 (docs/results/seq_len_h200.md), where this term decides the peak from s = 2048 on."""
     scores = spec.n_heads * spec.seq_len ** 2 * spec.batch_size
     c = spec.compute_bytes
-    return float((2 * FP32 - (c if c != FP32 else 0)) * scores)
+    return float((3 * FP32 - (c if c != FP32 else 0)) * scores)
 
 
 def layer_memory(spec: MemorySpec) -> LayerMemory:
@@ -160,8 +162,12 @@ def layer_memory(spec: MemorySpec) -> LayerMemory:
     mlp_temporaries = 2 * c * tokens * f
     # fused kernels' backward: dq, dk, dv, the fp32 dq accumulator and the fp32 rowsum of dO * O (a b s)
     attn_temporaries = eager_backward_bytes(spec) if km.materialises_scores else 3 * c * t + FP32 * t + FP32 * a * tokens
-    backward = Parts(act_mlp=mlp_temporaries) if mlp_temporaries >= attn_temporaries \
-        else Parts(act_attention=attn_temporaries)
+    if mlp_temporaries >= attn_temporaries:
+        backward = Parts(act_mlp=mlp_temporaries)
+    else:  # a block's backward runs its MLP and LN2 first: what they saved is freed before attention's backward
+        mlp_half = Parts(act_mlp=2 * c * tokens * f, act_residual=r * t, act_norm=2 * FP32 * tokens)
+        mlp_half.add(_norm_output_owner(spec, "act_mlp"), c * t)
+        backward = Parts(act_attention=attn_temporaries) - mlp_half
     return LayerMemory(saved_parts=saved, backward_parts=backward)
 
 
