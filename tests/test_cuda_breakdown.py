@@ -100,7 +100,8 @@ def test_measured_components_sum_to_the_recorded_steps_peak(report_data, case):
     assert sum(measured.values()) == pytest.approx(final["breakdown_peak_mib"], rel=1e-9)
     assert final["breakdown_peak_mib"] == pytest.approx(peak, rel=0.01)
     assert final["breakdown_phase"] in ("forward", "backward", "optimizer") and final["measured_slack_mib"] >= 0
-    assert measured["params"] == pytest.approx(final["num_params"] * 4 / MIB, rel=0.01)
+    # the allocator's blocks: a parameter in a cached block a little larger than it asked for reads up to 1 MiB more
+    assert measured["params"] == pytest.approx(final["num_params"] * 4 / MIB, abs=2.0)
     if case in UNMODELLED:
         assert all(math.isnan(final[f"predicted_{c}_mib"]) for c in MEMORY_COMPONENTS)
         return
