@@ -136,3 +136,39 @@ def test_every_dashboard_query_matches_the_metrics_a_trial_exports(ray_local, sa
     assert "bf16_flash_bs32" in trials and result.metrics["status"] == "ok"
     tune_trial = next(t for t in trials if t.startswith("tune_trainable_"))  # Tune's trial name, tagged on the worker
     assert {labels["label"] for labels in seen["ray_memeff_loss"] if labels["trial"] == tune_trial} == {"baseline"}
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_a_cuda_trial_exports_every_gauge_the_dashboard_plots(ray_local, sample_dataset, tmp_path):
+    """On a GPU the trial itself fills all four panels (peak memory and MFU are measured there), under its Tune name."""
+    from ray import tune
+
+    from trainable import TrialConfig, tune_trainable
+
+    node = next(n for n in ray_local.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    seen: dict[str, list[dict[str, str]]] = {}
+    done = threading.Event()
+
+    def scrape_until_done():
+        while not done.is_set():
+            for name, labels in _scrape(url).items():
+                seen.setdefault(name, []).extend(labels)
+            done.wait(1.0)
+
+    scraper = threading.Thread(target=scrape_until_done, daemon=True)
+    scraper.start()
+    cfg = TrialConfig.from_dict(dict(data_dir=str(sample_dataset), device="cuda", technique="flash", n_layers=2,
+                                     d_model=256, n_heads=4, ff_dim=1024, seq_len=64, batch_size=32, max_steps=3000,
+                                     warmup_steps=10, eval_interval=0, eval_batches=1, eval_batch_size=4)).to_dict()
+    tuner = tune.Tuner(tune.with_resources(tune_trainable, {"cpu": 1, "gpu": 1}), param_space=cfg,
+                       run_config=tune.RunConfig(name="dash-cuda", storage_path=str(tmp_path), verbose=0))
+    [result] = tuner.fit()
+    done.set()
+    scraper.join()
+    assert result.metrics["status"] == "ok"
+    tagged = {labels["trial"] for labels in seen.get("ray_memeff_loss", [])}
+    [trial] = [t for t in tagged if Path(result.path).name.startswith(t)]  # Tune's trial name, its dir's prefix
+    for name in GAUGES:
+        assert any(labels.get("trial") == trial for labels in seen.get(f"ray_{name}", [])), (name, sorted(seen))

@@ -63,10 +63,12 @@ def _env() -> dict[str, str]:
 
 def _wait_for(predicate, proc: subprocess.Popen, log: Path, seconds: float = 150) -> None:
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and proc.poll() is None and not predicate():
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predicate():  # acted on at once: the state it saw may move on a moment later
+            return
         time.sleep(0.2)
     assert proc.poll() is None, f"the sweep ended before it could be interrupted:\n{log.read_text()[-3000:]}"
-    assert predicate(), log.read_text()[-3000:]
+    raise AssertionError(f"not reached in {seconds:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 def _end_session(driver: subprocess.Popen) -> None:
