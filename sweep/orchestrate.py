@@ -173,7 +173,7 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None):
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(plan.grid),
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent, reuse_actors=cfg.reuse_actors,
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent, reuse_actors=reuse_actors(plan),
                                         trial_name_creator=name_trial, trial_dirname_creator=name_trial),
             run_config=tune.RunConfig(
                 name=plan.name, storage_path=plan.storage,
@@ -185,6 +185,25 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None):
             ),
         )
     return tuner.fit(), plan.path
+
+
+def reuse_actors(plan: SweepPlan) -> bool:
+    """Whether a finished trial's process runs the next trial: as asked, else whenever no trial compiles.
+
+    A reused process is reset to a fresh one's state (trainable.setup.reset_process); on an H200 every technique
+    then measured the same peaks to the MiB as in a fresh process, except those that compile (torch.compile, and
+    FlexAttention, which compiles its kernel on CUDA): up to 96 MiB apart (docs/results/startup_h200.md)."""
+    if plan.cfg.reuse_actors is not None:
+        return plan.cfg.reuse_actors
+    if plan.cfg.resume:  # restored trials start from checkpoints: seen handed a deleted one in a reused process
+        return False
+    from trainable.kernels import select_kernel_name
+
+    def compiles(point: dict[str, Any]) -> bool:
+        device = "cuda" if plan.use_gpu else "cpu"
+        return bool(point["compile"]) or (device == "cuda" and select_kernel_name(
+            point["attention"], point["precision"], device, point.get("kernel") or "auto") == "flex")
+    return not any(compiles(p) for p in plan.grid)
 
 
 def use_valid_state(path: str) -> None:

@@ -111,11 +111,14 @@ def _make_state_lag(exp: Path) -> None:
     path.write_text(json.dumps(state))
 
 
+RESUME_STEPS = 1200  # long enough that the kill lands mid-sweep with reused worker processes
+
+
 def test_resume_right_after_the_driver_is_sigkilled(sample_dataset, tmp_path):
     exp, log = tmp_path / "killed", tmp_path / "first.log"
     with open(log, "w") as out:
         driver = subprocess.Popen(_sweep("--name", "killed", "--verbose", "0", storage=tmp_path, data=sample_dataset,
-                                         steps=600), cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                         steps=RESUME_STEPS), cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:
         _wait_for(lambda: "TERMINATED" in _statuses(exp).values() and _finished_trials(exp)
@@ -131,14 +134,15 @@ def test_resume_right_after_the_driver_is_sigkilled(sample_dataset, tmp_path):
         assert "Ray dashboard" not in first and not re.search(r"^\[ *\d+s\]", first, re.M), first
 
         resumed = subprocess.run(_sweep("--name", "killed", "--resume", storage=tmp_path, data=sample_dataset,
-                                        steps=600), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                                        steps=RESUME_STEPS), cwd=ROOT, env=_env(), capture_output=True, text=True,
                                  timeout=300, start_new_session=True)
     finally:
         _end_session(driver)  # the first session's lingering agents (we started that session)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not NOISE.search(resumed.stderr + resumed.stdout), resumed.stderr[-3000:]
     assert f"resuming {exp}" in resumed.stderr
-    assert re.search(r"notice: resuming the custom grid: 3 trials, 1 layer x d_model 32, seq_len 32, 600 steps each; "
+    assert re.search(r"notice: resuming the custom grid: 3 trials, 1 layer x d_model 32, seq_len 32, "
+                     rf"{RESUME_STEPS} steps each; "
                      r"[12] finished, [12] to run", resumed.stderr), resumed.stderr
     assert re.search(r"resume baseline_bs4 from its step-\d+ checkpoint", resumed.stderr), resumed.stderr
     assert _statuses(exp) == dict.fromkeys(TRIALS, "TERMINATED")

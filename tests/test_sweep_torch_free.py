@@ -64,8 +64,6 @@ def test_modes_that_run_nothing_never_import_torch_or_ray(argv, sample_dataset, 
     assert not any(tmp_path.iterdir())  # nothing written, not even the shipped sample
 
 
-@pytest.mark.xfail(strict=True, reason="trainable/reports.py reports torch.__version__, a torch.TorchVersion: the "
-                                       "driver unpickling a trial's report imports torch (report str(torch.__version__))")
 def test_a_sweep_runs_with_a_driver_that_cannot_import_torch(sample_dataset, tmp_path):
     argv = ["--device", "cpu", "--techniques", "baseline", "--batch-sizes", "4", "--max-steps", "5",
             "--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--ff-dim", "64", "--seq-len", "32",

@@ -197,13 +197,25 @@ class TuneCheckpointIO:
     """Ray Tune: resume from `tune.get_checkpoint()`, save through `tune.report(..., checkpoint=...)`."""
 
     def load(self) -> dict | None:
+        """The newest whole checkpoint of this trial, at or after the one Tune hands over.
+
+        Tune's experiment state can lag its storage: after a driver is killed it may name a checkpoint that a
+        later save already replaced (and began deleting) while a newer whole one sits beside it. Every
+        checkpoint carries its own manifest, so the trial takes the newest that verifies rather than failing."""
         from ray import tune
 
         checkpoint = tune.get_checkpoint()
         if checkpoint is None:
             return None
-        with checkpoint.as_directory() as directory:
-            return read_checkpoint(Path(directory))
+        last_error: CheckpointError | None = None
+        for candidate in _candidates(checkpoint):
+            try:
+                with candidate.as_directory() as directory:
+                    return read_checkpoint(Path(directory))
+            except (CheckpointError, FileNotFoundError, OSError) as exc:
+                last_error = exc if isinstance(exc, CheckpointError) else CheckpointError(
+                    f"checkpoint {candidate.path} is unreadable ({type(exc).__name__})")
+        raise last_error or CheckpointError(f"checkpoint {checkpoint.path} is unreadable")
 
     def report_with_checkpoint(self, metrics: dict, state: dict, report: Report) -> None:
         from ray import tune
@@ -212,3 +224,19 @@ class TuneCheckpointIO:
             write_checkpoint(state, Path(directory))
             # tune.report persists (copies) the directory into the trial's storage before returning.
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def _candidates(checkpoint) -> list:
+    """The trial's `checkpoint_NNNNNN` directories from the newest down to the one Tune named."""
+    import pyarrow.fs
+    from ray import tune
+
+    fs, named = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent, name = named.rsplit("/", 1) if "/" in named else ("", named)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(parent, recursive=False))
+    except (OSError, ValueError):
+        return [checkpoint]
+    names = sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_") and i.base_name >= name)
+    return [tune.Checkpoint(f"{parent}/{n}", filesystem=fs) for n in reversed(names)] or [checkpoint]

@@ -56,7 +56,7 @@ def run_facts(run: Run, num_params: int) -> dict[str, Any]:
         "num_params": num_params,
         "model_flops_per_token": flops,
         "peak_flops": peak_bf16_flops(gpu["gpu_name"], cfg.peak_flops),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a plain str: a TorchVersion would unpickle torch in the driver
         "cuda_version": torch.version.cuda,
     }
 
