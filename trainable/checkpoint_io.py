@@ -197,11 +197,12 @@ class TuneCheckpointIO:
     """Ray Tune: resume from `tune.get_checkpoint()`, save through `tune.report(..., checkpoint=...)`."""
 
     def load(self) -> dict | None:
-        """The newest whole checkpoint of this trial, at or after the one Tune hands over.
+        """The checkpoint Tune hands over; if that one is gone or damaged, the newest whole one after it.
 
         Tune's experiment state can lag its storage: after a driver is killed it may name a checkpoint that a
         later save already replaced (and began deleting) while a newer whole one sits beside it. Every
-        checkpoint carries its own manifest, so the trial takes the newest that verifies rather than failing."""
+        checkpoint carries its own manifest, so the trial falls back to the newest that verifies rather than
+        failing. The named one always comes first: it is the one whose steps Tune has on record."""
         from ray import tune
 
         checkpoint = tune.get_checkpoint()
@@ -227,7 +228,7 @@ class TuneCheckpointIO:
 
 
 def _candidates(checkpoint) -> list:
-    """The trial's `checkpoint_NNNNNN` directories from the newest down to the one Tune named."""
+    """The checkpoint Tune named, then the trial's later `checkpoint_NNNNNN` directories, newest first."""
     import pyarrow.fs
     from ray import tune
 
@@ -238,5 +239,5 @@ def _candidates(checkpoint) -> list:
     except (OSError, ValueError):
         return [checkpoint]
     names = sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
-                   and i.base_name.startswith("checkpoint_") and i.base_name >= name)
-    return [tune.Checkpoint(f"{parent}/{n}", filesystem=fs) for n in reversed(names)] or [checkpoint]
+                   and i.base_name.startswith("checkpoint_") and i.base_name > name)
+    return [checkpoint] + [tune.Checkpoint(f"{parent}/{n}", filesystem=fs) for n in reversed(names)]
