@@ -18,7 +18,8 @@ from typing import Any
 
 import pandas as pd
 
-from contract.experiment import GRID_KEY, KIND_KEY, MAX_BATCH_FILE, MAX_BATCH_RECORD_KEYS, PREDICTIONS_FILE
+from contract.experiment import (GRID_KEY, KIND_KEY, MAX_BATCH_FILE, MAX_BATCH_RECORD_KEYS, PREDICTION_RECORD_KEYS,
+                                 PREDICTIONS_FILE)
 from contract.io import error_line
 from contract.keys import BREAKDOWN_KEYS, TRIAL_STATUSES, keys_of
 from contract.techniques import technique_family, technique_label
@@ -52,11 +53,7 @@ NUMERIC_COLUMNS = tuple(dict.fromkeys((
     "peak_flops", "gpu_memory_gb", "gpu_total_mib", "oom_mem_peak_mib", "val_loss", "val_ppl", "num_failures")))
 # PREDICTIONS_FILE rows (sweep.predict): `scope` trial = each trial's own config on a CUDA GPU; seed_grid = the seed
 # grid at the sweep's model on the GPUs named in `gpu`. These columns are always there, rows or not.
-PREDICTION_COLUMNS = (
-    "scope", "gpu", "trial", "label", "technique", "batch_size", "window", "seq_len", "vocab_size", "kernel",
-    "predicted_peak_mib", "predicted_reserved_mib", "fits", "predicted_max_batch", "budget_mib", "error",
-    "upper_bound", "phase", "budget_source",
-)
+PREDICTION_COLUMNS = ("scope", "gpu", *PREDICTION_RECORD_KEYS, "budget_source")
 
 
 @dataclass

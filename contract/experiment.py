@@ -7,7 +7,9 @@ An experiment is a Ray Tune experiment directory `STORAGE/NAME/` written by `swe
 * `experiment_state-*.json`: Tune's state (each trial's id, status, directory and config);
 * `GRID_FILE`: the validated grid, so `--resume` rebuilds the exact param space after the driver died;
 * `MAX_BATCH_FILE`: the records of a max-batch search (`MAX_BATCH_RECORD_KEYS`);
-* `PREDICTIONS_FILE`: the memory model's predicted peaks for the trials, and for the seed grid on named GPUs.
+* `PREDICTIONS_FILE`: the memory model's predicted peaks for the trials, and for the seed grid on named GPUs
+  (`{"budget": ..., "vocab_size": ..., "trials": [record], "seed_grid": [record + "gpu"]}`, each record's keys
+  `PREDICTION_RECORD_KEYS`).
 
 The sweep adds two keys to each trial's Tune config, stripped before the config reaches the trial (a trial
 knows nothing of the grid it is in): `GRID_KEY`, the trial's name, and `KIND_KEY`, `train` or `probe` (a
@@ -29,6 +31,15 @@ MAX_BATCH_RECORD_KEYS = (
     "gpu_memory_gb", "status", "error", "hit_upper_bound", "granularity", "parallelism", "probe_steps",
     "start", "max_bound", "device", "seq_len", "outcomes", "seeded", "predicted_max_batch", "predicted_budget_mib",
     "unseeded_probes", "unseeded_rounds",
+)
+
+# One record per predicted point in PREDICTIONS_FILE (sweep.predict.prediction_rows_for); `seed_grid` records add
+# `gpu`. The *_mib terms after `upper_bound` are the predicted peak's breakdown.
+PREDICTION_RECORD_KEYS = (
+    "trial", "label", "technique", "batch_size", "window", "seq_len", "vocab_size", "kernel", "predicted_peak_mib",
+    "predicted_reserved_mib", "fits", "predicted_max_batch", "budget_mib", "error", "upper_bound", "phase",
+    "params_mib", "grads_mib", "optimizer_states_mib", "activations_mib", "embedding_mib", "loss_head_mib",
+    "autocast_copies_mib", "transient_mib", "overhead_mib",
 )
 
 

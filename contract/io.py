@@ -90,3 +90,8 @@ def error_line(error: BaseException | str, limit: int = ERROR_LINE_LIMIT) -> str
     meaningful = [ln for ln in lines if not ln.startswith(("File ", "^", "~", "Traceback", "Failure #"))]
     text = (meaningful or lines or ["unknown error"])[-1]
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def counted(n: int, noun: str) -> str:
+    """`1 trial`, `3 trials`: every message that counts things says it the same way."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

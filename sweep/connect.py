@@ -1,8 +1,7 @@
 """Join (or start) the Ray cluster a sweep runs on, and check that its storage is reachable from every node.
 
-Token authentication (Ray >= 2.52, `RAY_AUTH_MODE=token`): Ray itself reads the token from, in order,
-`RAY_AUTH_TOKEN`, the file named by `RAY_AUTH_TOKEN_PATH`, and `~/.ray/auth_token` (what
-`ray get-auth-token --generate` writes). Ray only sends it when `RAY_AUTH_MODE=token` is set in the client,
+Token authentication (Ray >= 2.52, `RAY_AUTH_MODE=token`; where the token comes from: sweep/auth.py): Ray
+only sends the token when `RAY_AUTH_MODE=token` is set in the client,
 or when it finds the cluster by itself (`address="auto"`); for an explicit address `connect` turns token mode
 on the same way when a token is available, so holding the token is enough. A cluster that refuses the
 client is reported at once with one line (`ClusterAuthError`) instead of Ray's 20 s of retries and a bare
@@ -11,19 +10,17 @@ client is reported at once with one line (`ClusterAuthError`) instead of Ray's 2
 Joining asks the address once, over gRPC, with a `PROBE_TIMEOUT_S` deadline before `ray.init`: a closed port, a
 port that is not Ray's, a dropped one and a missing token each fail within seconds with one line that names the
 address the user typed (Ray itself waits 30-45 s and then names the node IP it resolved the address to).
-
-Token files: `write_token_file` (`python -m sweep.connect --generate-token`) creates one readable by its owner
-only; `connect` warns once when the token file it will use is readable by group or others.
 """
 from __future__ import annotations
 
 import logging
 import os
-import stat
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .auth import (TOKEN_HELP, auth_mode_name, enable_token_mode_if_token_available,
+                   private_token_for_local_start, token_available, warn_if_token_file_exposed)
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +30,11 @@ SHARED_STORAGE_ENV = "MEMEFF_SHARED_STORAGE"
 REMOTE_STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
 """URI schemes every node reaches on its own (pyarrow filesystems Ray Tune writes through)."""
 
-TOKEN_HELP = (
-    "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or put it in ~/.ray/auth_token); "
-    "`ray get-auth-token` on the head node prints it"
-)
 
 
 PROBE_TIMEOUT_S = 5.0
 """How long joining waits for the address to answer: a closed port answers at once, a dropped one never does."""
 
-TOKEN_FILE_MODE = 0o600
 
 
 class ClusterError(RuntimeError):
@@ -109,7 +101,7 @@ def connect(
     if ray.is_initialized():
         return describe_cluster(started_local=False)
     if not joining:
-        _private_token_for_local_start()
+        private_token_for_local_start()
         warn_if_token_file_exposed()
         try:
             ray.init(
@@ -124,7 +116,7 @@ def connect(
             raise ClusterError(f"could not start a local Ray instance: {_first_line(e)} "
                                "(see /tmp/ray/session_latest/logs)") from e
         return describe_cluster(started_local=True)
-    _enable_token_mode_if_token_available()
+    enable_token_mode_if_token_available()
     warn_if_token_file_exposed()
     typed = address
     if address.startswith("ray://"):
@@ -154,7 +146,7 @@ def describe_cluster(*, started_local: bool) -> ClusterInfo:
         num_cpus=float(resources.get("CPU", 0.0)),
         num_gpus=float(resources.get("GPU", 0.0)),
         can_autoscale=False if started_local else _autoscaler_max_nodes() > 1,
-        auth_mode=_auth_mode_name(),
+        auth_mode=auth_mode_name(),
     )
 
 
@@ -189,24 +181,6 @@ def check_storage(storage_path: str, info: ClusterInfo, *, shared: bool = False)
 def shared_storage_declared() -> bool:
     """Whether MEMEFF_SHARED_STORAGE declares local storage paths shared by every node."""
     return os.environ.get(SHARED_STORAGE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def token_available() -> bool:
-    """Whether Ray would find an authentication token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)."""
-    from ray._raylet import AuthenticationTokenLoader
-
-    return AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
-
-
-def _enable_token_mode_if_token_available() -> None:
-    """Send the token when we hold one: Ray does this itself only for address="auto"."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return  # the user chose explicitly (token or disabled)
-    from ray._private.authentication.authentication_token_setup import (
-        maybe_enable_token_auth_if_token_available,
-    )
-
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def _resolve_address(address: str) -> str:
@@ -274,79 +248,13 @@ def _probe_error(typed: str, flag: str, code, details: str, *, ray_client: bool,
     return ClusterError(f"could not reach the {what} at {where}: {_first_line(Exception(details))}")
 
 
-def default_token_path() -> Path:
-    """Where Ray (`ray get-auth-token --generate`, a local `ray.init`) keeps the token: ~/.ray/auth_token."""
-    return Path.home() / ".ray" / "auth_token"
-
-
-def token_file_in_use() -> Path | None:
-    """The file Ray takes the token from, or None when it comes from RAY_AUTH_TOKEN or there is none."""
-    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        return None
-    named = os.environ.get("RAY_AUTH_TOKEN_PATH", "").strip()
-    path = Path(named).expanduser() if named else default_token_path()
-    return path if path.is_file() else None
-
-
-def write_token_file(path: str | os.PathLike | None = None, *, token: str | None = None) -> Path:
-    """Create a token file only its owner can read (0600, in a 0700 directory); never overwrite one.
-
-    Ray's own `ray get-auth-token --generate` writes the file with the process umask (usually 0644), and
-    the token admits anyone who holds it to run code on the cluster.
-    """
-    import secrets
-
-    target = Path(path).expanduser() if path is not None else default_token_path()
-    if not target.parent.exists():
-        target.parent.mkdir(mode=0o700, parents=True)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, TOKEN_FILE_MODE)  # FileExistsError: keep it
-    with os.fdopen(fd, "w") as f:
-        f.write(token or secrets.token_hex(32))  # 256 bits, what Ray generates
-    os.chmod(target, TOKEN_FILE_MODE)  # O_CREAT's mode is masked by the umask; this one is not
-    return target
-
-
-def warn_if_token_file_exposed() -> bool:
-    """One line on stderr when the token file Ray will read is readable by group or others; True if warned."""
-    path = token_file_in_use()
-    if path is None or os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
-        return False
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if not mode & 0o077:
-        return False
-    print(f"warning: the Ray token file {path} is readable by group/others (mode {mode:04o}): "
-          f"chmod 600 {path}", file=sys.stderr)
-    return True
-
-
-def _private_token_for_local_start() -> None:
-    """A local Ray 2.60 instance turns token auth on and, lacking a token, writes one readable by all (0644):
-    write it first, owner-only."""
-    if os.environ.get("RAY_AUTH_MODE", "token").strip().lower() != "token" or token_available():
-        return
-    try:
-        write_token_file()
-    except OSError as e:  # a read-only home: Ray writes its own, and we warn about its mode
-        logger.debug("could not write %s: %s", default_token_path(), e)
-        return
-    from ray._raylet import AuthenticationTokenLoader
-
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
 def _auth_error(address: str) -> ClusterAuthError:
-    if _auth_mode_name() == "token" and token_available():
+    if auth_mode_name() == "token" and token_available():
         return ClusterAuthError(
             f"the cluster at {address} refused this client's authentication token (it is not the cluster's "
             f"token): {TOKEN_HELP}"
         )
     return ClusterAuthError(f"the cluster at {address} requires an authentication token: {TOKEN_HELP}")
-
-
-def _auth_mode_name() -> str:
-    from ray._raylet import AuthenticationMode, get_authentication_mode
-
-    return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
 
 
 def _autoscaler_max_nodes() -> int:
@@ -385,27 +293,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m sweep.connect --generate-token [--token-path PATH]`: a new token file, owner-only (0600)."""
-    import argparse
+if __name__ == "__main__":  # `python -m sweep.connect --generate-token`: sweep/auth.py
+    from .auth import main
 
-    parser = argparse.ArgumentParser(prog="python -m sweep.connect", description=main.__doc__)
-    parser.add_argument("--generate-token", action="store_true", required=True,
-                        help="write a new random token to --token-path (never overwrites one)")
-    parser.add_argument("--token-path", help="where (default: RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token)")
-    args = parser.parse_args(argv)
-    path = Path(args.token_path or os.environ.get("RAY_AUTH_TOKEN_PATH") or default_token_path()).expanduser()
-    try:
-        written = write_token_file(path)
-    except FileExistsError:
-        print(f"error: {path} already exists (delete it first to rotate the token)", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: could not write {path}: {e.strerror}", file=sys.stderr)
-        return 2
-    print(written)
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

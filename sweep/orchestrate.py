@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.experiment import GRID_FILE, MAX_BATCH_FILE, PREDICTIONS_FILE
-from contract.io import is_uri, write_json_atomic
+from contract.io import counted, error_line, is_uri, write_json_atomic
 
 from .config import SweepConfig
 from .connect import ClusterInfo, check_storage, connect
@@ -118,9 +118,11 @@ def _tune_verbosity(verbose: int) -> int:
 
 
 def _callbacks(plan: SweepPlan, total: int) -> list:
-    from .progress import TrialLines
+    """The compact trial lines below --verbose 2; at 2 Tune prints its own, and a resume still forgets the
+    checkpoints a killed driver's state named but storage no longer holds (MissingCheckpoints)."""
+    from .progress import MissingCheckpoints, TrialLines
 
-    return [] if plan.cfg.verbose >= 2 else [TrialLines(total, plan.cfg.verbose)]
+    return [MissingCheckpoints()] if plan.cfg.verbose >= 2 else [TrialLines(total, plan.cfg.verbose)]
 
 
 def _quiet_ray(verbose: int) -> None:
@@ -162,14 +164,20 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None):
     trainable = tune.with_resources(sweep_trainable, resources)
     if cfg.resume:
         use_valid_state(plan.path)
-        print(f"resuming {plan.path}", file=sys.stderr)
-        tuner = tune.Tuner.restore(plan.path, trainable=trainable, resume_unfinished=True, restart_errored=True,
-                                   param_space=param_space(plan.grid))
+        if cfg.verbose >= 1:
+            print(f"resuming {plan.path}", file=sys.stderr)
+        try:
+            tuner = tune.Tuner.restore(plan.path, trainable=trainable, resume_unfinished=True, restart_errored=True,
+                                       param_space=param_space(plan.grid))
+        except (ValueError, RuntimeError) as exc:  # Tune's own refusal (e.g. a changed param space): one line
+            raise SweepError(f"--resume {plan.path}: Ray Tune cannot restore it: {error_line(exc)}") from exc
     else:
         write_json_atomic(f"{plan.path}/{GRID_FILE}", {"preset": plan.preset_name, "use_gpu": plan.use_gpu,
                                                         "resources": resources, "grid": plan.grid})
         write_predictions(plan)
-        print(f"{len(plan.grid)} trials ({plan.preset_name} grid), {resources} each -> {plan.path}", file=sys.stderr)
+        if cfg.verbose >= 1:
+            print(f"{counted(len(plan.grid), 'trial')} ({plan.preset_name} grid), {resources} each -> {plan.path}",
+                  file=sys.stderr)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(plan.grid),
@@ -200,9 +208,8 @@ def reuse_actors(plan: SweepPlan) -> bool:
     from trainable.kernels import select_kernel_name
 
     def compiles(point: dict[str, Any]) -> bool:
-        device = "cuda" if plan.use_gpu else "cpu"
-        return bool(point["compile"]) or (device == "cuda" and select_kernel_name(
-            point["attention"], point["precision"], device, point.get("kernel") or "auto") == "flex")
+        return bool(point["compile"]) or (plan.use_gpu and select_kernel_name(
+            point["attention"], point["precision"], "cuda", point.get("kernel") or "auto") == "flex")
     return not any(compiles(p) for p in plan.grid)
 
 
@@ -283,16 +290,24 @@ def find_max_batch_size(cfg: SweepConfig, plan: SweepPlan | None = None) -> tupl
 
 
 # -- the end ----------------------------------------------------------------------------------------------
-def results_table(path: str) -> str:
-    """The comparison (and max-batch) tables from `analysis`, writing its report next to the results."""
+def results_table(path: str):
+    """(the comparison and max-batch tables from `analysis`, the loaded results): printed before the report's
+    plots are drawn, so the table the user waits for comes first."""
     import analysis
 
     loaded = analysis.load(path)
     text = analysis.format_table(loaded)
     if max_batch := analysis.format_max_batch_table(loaded):
         text += "\n\n" + max_batch
-    if not is_uri(path):
-        out_dir = str(Path(path) / "analysis")
-        analysis.write_report(loaded, out_dir)
-        text += f"\n\nreport and plots: {out_dir}"
-    return text
+    return text, loaded
+
+
+def write_report(path: str, loaded) -> str | None:
+    """The report and plots next to local results; the directory, or None for storage URIs."""
+    import analysis
+
+    if is_uri(path):
+        return None
+    out_dir = str(Path(path) / "analysis")
+    analysis.write_report(loaded, out_dir)
+    return out_dir

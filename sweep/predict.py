@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contract.experiment import PREDICTION_RECORD_KEYS
+
 from .errors import SweepError
 from .grid import build_grid, grid_axes, grid_names, trial_name
 
@@ -357,10 +359,7 @@ def prediction_rows_for(plan) -> dict[str, Any]:
     for gpu, cap in REPORT_GPUS:
         for row in predict_points(seed_grid, memory_budget(cap, gpu=gpu)):
             seed_rows.append({**copy(row), "gpu": gpu})
-    keep = ("trial", "label", "technique", "batch_size", "window", "seq_len", "vocab_size", "kernel",
-            "predicted_peak_mib", "predicted_reserved_mib", "fits", "predicted_max_batch", "budget_mib", "error",
-            "upper_bound", "params_mib", "grads_mib", "optimizer_states_mib", "activations_mib", "embedding_mib",
-            "loss_head_mib", "autocast_copies_mib", "transient_mib", "overhead_mib", "phase")
+    keep = PREDICTION_RECORD_KEYS
     return {"budget": budget.source, "vocab_size": vocab,
             "trials": [{k: r.get(k) for k in keep} for r in trials],
             "seed_grid": [{**{k: r.get(k) for k in keep}, "gpu": r["gpu"]} for r in seed_rows]}

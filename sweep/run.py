@@ -32,7 +32,7 @@ from pathlib import Path
 
 from contract.cli import OneLineParser, add_config_arguments, given
 from contract.experiment import GRID_KEY
-from contract.io import is_uri
+from contract.io import counted, is_uri
 
 from .config import SweepConfig
 
@@ -148,10 +148,6 @@ def print_prediction(cfg: SweepConfig, as_json: bool) -> int:
     return 0
 
 
-def _trials(n: int) -> str:
-    return f"{n} trial{'s' if n != 1 else ''}"
-
-
 def print_dry_run(cfg: SweepConfig) -> int:
     """`--dry-run`: what would run and where, with the memory model's predicted peak per trial; nothing runs,
     nothing is written (the shipped sample is not even prepared)."""
@@ -165,7 +161,7 @@ def print_dry_run(cfg: SweepConfig) -> int:
     if plan.sample is None:
         check_data(plan, verify="full")
     rows, assumed = dry_run_rows(plan)
-    lines = [f"dry run: {_trials(len(plan.grid))} ({plan.preset_name} grid) -> {plan.path}; nothing runs"]
+    lines = [f"dry run: {counted(len(plan.grid), 'trial')} ({plan.preset_name} grid) -> {plan.path}; nothing runs"]
     lines += [plan.notice] if plan.notice else []
     lines += [render_rows(rows), ""]
     if any(r["fits"] is None and r["device"] == "cpu" for r in rows):
@@ -215,8 +211,19 @@ def tensorboard_line(path: str) -> str | None:
     return f"TensorBoard: tensorboard --logdir {shlex.quote(shown)}{hint}"
 
 
+def print_results(path: str) -> None:
+    """The tables first (what the user waits for), then the report and its plots (seconds of drawing)."""
+    from .orchestrate import results_table, write_report
+
+    text, loaded = results_table(path)
+    print("\n" + text, flush=True)
+    out_dir = write_report(path, loaded)
+    if out_dir:
+        print(f"\nreport and plots: {out_dir}")
+
+
 def _run(cfg: SweepConfig) -> int:
-    from .orchestrate import find_max_batch_size, prepare, resume_command, results_table, run_sweep
+    from .orchestrate import find_max_batch_size, prepare, resume_command, run_sweep
 
     plan = prepare(cfg)
     from .progress import quiet_tune  # imports Ray Tune: only once the sweep is known to be good
@@ -224,17 +231,17 @@ def _run(cfg: SweepConfig) -> int:
     quiet_tune(cfg.verbose)
     if cfg.find_max_batch:
         records, path = find_max_batch_size(cfg, plan)
-        print("\n" + results_table(path))
+        print_results(path)
         if cfg.verbose >= 1:
             print(f"\nresults: {path}/max_batch.json")
         return 1 if any(r["status"] == "error" for r in records) else 0
     results, path = run_sweep(cfg, plan)
     stopped = incomplete(plan, results)
     if stopped:
-        print(f"interrupted: {len(stopped)} of {_trials(len(plan.names))} incomplete ({', '.join(stopped)}); "
+        print(f"interrupted: {len(stopped)} of {counted(len(plan.names), 'trial')} incomplete ({', '.join(stopped)}); "
               f"continue with: {resume_command(cfg, plan)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print("\n" + results_table(path))
+    print_results(path)
     if cfg.verbose >= 1:
         print(f"\nresults: {path}")
         board = tensorboard_line(path)

@@ -183,7 +183,7 @@ def test_client_with_an_owner_only_token_file_does_not_warn(token_cluster):
 def test_generate_token_writes_an_owner_only_file_and_never_overwrites(tmp_path):
     """`python -m sweep.connect --generate-token` (docs/cluster.md, step 2): 0600 under any umask, in a 0700 dir."""
     env = _clean_env(tmp_path / "home")
-    command = [sys.executable, "-c", "import os, sys; os.umask(0o022); from sweep.connect import main; "
+    command = [sys.executable, "-c", "import os, sys; os.umask(0o022); from sweep.auth import main; "
                "sys.exit(main(sys.argv[1:]))", "--generate-token"]
     first = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     path = tmp_path / "home" / ".ray" / "auth_token"

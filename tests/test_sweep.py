@@ -77,7 +77,7 @@ def test_small_sweep_end_to_end(ray_local, sample_dataset, tmp_path):
     restored = tune.ResultGrid(tune.ExperimentAnalysis(path))
     assert {r.config[GRID_KEY] for r in restored} == expected
     assert all(r.error is None and r.metrics["status"] == "ok" for r in restored)
-    table = results_table(path)
+    table, _ = results_table(path)
     assert "bf16_window8" in table and "baseline" in table
 
     with pytest.raises(SweepError, match="already exists"):

@@ -111,7 +111,7 @@ def _make_state_lag(exp: Path) -> None:
     path.write_text(json.dumps(state))
 
 
-RESUME_STEPS = 1200  # long enough that the kill lands mid-sweep with reused worker processes
+RESUME_STEPS = 600  # long enough that the kill lands mid-sweep with reused worker processes
 
 
 def test_resume_right_after_the_driver_is_sigkilled(sample_dataset, tmp_path):
