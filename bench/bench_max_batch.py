@@ -63,7 +63,8 @@ def probe_rows(path: str) -> tuple[list[str], dict[str, dict]]:
         outcome = (f"scout: {final.get('scout_max_batch')} ({len(final.get('scout_outcomes') or [])} in-process)"
                    if scout else str(p["status"]))
         start, end = p["process_start_time"], p["trial_end_time"]
-        rows.append(f"| {name} | {int(p['batch_size'])} | {outcome} | {_num(p['first_step_start_time'] - start, '.2f')}"
+        rows.append(f"| {name} | {int(p['batch_size'])} | {outcome} | {final.get('probe_process') or '-'} | "
+                    f"{_num(p['first_step_start_time'] - start, '.2f')}"
                     f" | {_num(end - start, '.2f')} | {_num(start - last_end, '.2f')} |")
         last_end = end if math.isfinite(end) else last_end
     return rows, scouts
@@ -96,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = ", ".join(f"{bs} {kind}" for bs, kind in r["outcomes"].items())
         summary.append(f"| {r['label']} | {r['max_batch_size']} | {exact} | {scout.get('scout_max_batch', '-')} | "
                        f"{outcomes} | {r['probes']} / {r['rounds']} | {r['wall_time_s']:.1f} | {wall:.1f} |")
-    per_probe = ["| probe | batch | outcome | fork to 1st step (s) | fork to end (s) | gap after previous (s) |",
-                 "|---|---:|---|---:|---:|---:|"] + rows
-    trained = [float(row.split(" | ")[4]) for row in rows if row.split(" | ")[4] != "-"]
+    per_probe = ["| probe | batch | outcome | process | start to 1st step (s) | start to end (s) | gap after previous (s) |",
+                 "|---|---:|---|---|---:|---:|---:|"] + rows
+    trained = [float(row.split(" | ")[5]) for row in rows if row.split(" | ")[5] != "-"]
     median = _num(statistics.median(trained) if trained else None, ".2f")
     text = ("\n".join(per_probe) + f"\n\nmedian probe, fork to end: {median} s"
             f"\n\nsearch: python -m sweep.run --find-max-batch {' '.join(sweep_args)}  ->  {path}\n\n"

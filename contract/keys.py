@@ -10,7 +10,8 @@ Reports carry what the trial measured and what it resolved at run time (the kern
 * `eval`: reports of steps that evaluated (every `eval_interval` steps, and the last);
 * `final`: the last report of a trial (its status and totals);
 * `oom`: the last report of a trial that ran out of memory;
-* `scout`: the one report of a max-batch search's scout probe (sweep/probe.py).
+* `scout`: the one report of a max-batch search's scout probe (sweep/probe.py);
+* `probe`: every report of a max-batch search's probe (sweep/probe.py).
 Memory keys are NaN on CPU ("not measured"), never 0.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Key:
     name: str
-    when: str  # step | fact | eval | final | oom
+    when: str  # step | fact | eval | final | oom | scout | probe
     meaning: str
 
 
@@ -101,6 +102,8 @@ _KEYS = (
                                     "the scout stopped on an error)"),
     Key("scout_outcomes", "scout", "the scout's sub-probes in order: [batch size, fits|oom|error, peak MiB]"),
     Key("scout_error", "scout", "why the scout stopped early (None when it found an answer)"),
+    Key("probe_process", "probe", "how the probe's fresh process started: fork (of the warm probe server) or "
+                                  "spawn (a new interpreter: the server's process had loaded the CUDA driver)"),
 )
 
 # Where the memory goes: the peak step's allocated memory split into components, measured by the trial (an

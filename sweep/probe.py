@@ -91,10 +91,12 @@ def probe_trainable(config: dict[str, Any]) -> None:
 
     config = {k: v for k, v in config.items() if k not in SWEEP_KEYS}
     request = {"config": {k: v for k, v in config.items() if k != SCOUT_KEY}, "scout": config.get(SCOUT_KEY)}
-    error = None
+    error, process = None, None
     for message in _server().run(request):
-        if "report" in message:
-            tune.report(message["report"])
+        if "process" in message:
+            process = message["process"]
+        elif "report" in message:
+            tune.report({**message["report"], "probe_process": process})
         elif "error" in message:
             error = message["error"]
         elif message.get("exit"):
@@ -160,8 +162,10 @@ def serve() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         if torch.cuda.is_initialized() or _cuda_driver_loaded():
+            os.write(out_fd, b'{"process": "spawn"}\n')  # reported with every probe: never a silent fallback
             pid = _spawn(line, out_fd)
         else:
+            os.write(out_fd, b'{"process": "fork"}\n')
             pid = os.fork()
             if pid == 0:
                 os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)

@@ -91,6 +91,19 @@ def _scrape(url: str) -> dict[str, list[dict[str, str]]]:
     return found
 
 
+def _exports_metrics(url: str, wait_s: float = 20.0) -> bool:
+    """Whether the node's metrics export port answers with Ray's own metrics within `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if b"ray_" in urllib.request.urlopen(url, timeout=5).read():
+                return True
+        except OSError:
+            pass
+        time.sleep(1)
+    return False
+
+
 @pytest.mark.slow
 def test_every_dashboard_query_matches_the_metrics_a_trial_exports(ray_local, sample_dataset, tmp_path):
     from ray import tune
@@ -156,6 +169,9 @@ def test_a_cuda_trial_exports_every_gauge_the_dashboard_plots(ray_local, sample_
 
     node = next(n for n in ray_local.nodes() if n["Alive"])
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    if not _exports_metrics(url):
+        pytest.skip(f"this node's Ray serves no metrics at {url} (its metrics agent is not running, as in a Ray "
+                    "without the `default` extra): the gauges cannot be scraped here")
     seen: dict[str, list[dict[str, str]]] = {}
     complete, done = tmp_path / "all-gauges-seen", threading.Event()  # a file: Tune pickles the stopper
 

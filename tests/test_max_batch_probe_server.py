@@ -30,6 +30,7 @@ def test_each_probe_is_a_fresh_fork_and_the_server_dies_with_its_pipe(sample_dat
     for _ in range(2):
         messages = list(server.run({"config": config, "scout": None}))
         reports = [m["report"] for m in messages if "report" in m]
+        assert messages[0] == {"process": "fork"}  # how the probe started is always said, first
         assert [r["step"] for r in reports] == [1, 2] and messages[-1] == {"exit": 0}
         final = reports[-1]
         assert final["final"] is True and final["process_trials_before"] == 0  # nothing ran in it before
@@ -39,10 +40,10 @@ def test_each_probe_is_a_fresh_fork_and_the_server_dies_with_its_pipe(sample_dat
     assert pids[0] != pids[1]
 
     bad = list(server.run({"config": {**config, "data_dir": str(sample_dataset / "nope")}, "scout": None}))
-    assert "does not exist" in bad[0]["error"] and bad[-1] == {"exit": 1}
+    assert bad[0] == {"process": "fork"} and "does not exist" in bad[1]["error"] and bad[-1] == {"exit": 1}
 
     spec = {"start": 1, "max_batch_size": 3, "granularity": 1, "probe_steps": 1, "hint": None}
-    (scout, done) = list(server.run({"config": config, "scout": spec}))
+    (_, scout, done) = list(server.run({"config": config, "scout": spec}))
     assert done == {"exit": 0} and scout["report"]["scout_max_batch"] == 3
     assert [o[:2] for o in scout["report"]["scout_outcomes"]] == [[1, "fits"], [2, "fits"], [3, "fits"]]
 
@@ -50,6 +51,7 @@ def test_each_probe_is_a_fresh_fork_and_the_server_dies_with_its_pipe(sample_dat
     long = probe_config({**TINY, "data_dir": str(sample_dataset)}, 4, probe_steps=100_000)
     server.proc.stdin.write(json.dumps({"config": long, "scout": None}) + "\n")
     server.proc.stdin.flush()
+    assert json.loads(server.messages.readline()) == {"process": "fork"}
     first = json.loads(server.messages.readline())  # step 1 is training
     child = None
     deadline = time.monotonic() + 30

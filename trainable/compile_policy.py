@@ -53,10 +53,27 @@ def build_forward_loss(model: nn.Module, loss_name: str, loss_fn: LossFn, compil
 
 def release_compiled() -> None:
     """Drop dynamo's caches: they are keyed by code object, so the next trial in this process would
-    otherwise count against the recompile limit (and they keep the graphs' memory). Nothing to drop, and
-    nothing imported (2-3 s in a fresh process), when nothing in this process ever compiled."""
-    if "torch._dynamo" in sys.modules:
-        torch._dynamo.reset()
+    otherwise count against the recompile limit (and they keep the graphs' memory). Nothing to drop when
+    nothing compiled since the last reset: the fused AdamW imports dynamo without compiling, and on an H200
+    a reused eager process resetting that untouched dynamo between trials died of SIGSEGV in the trial's
+    next garbage collection (docs/results/startup_h200.md)."""
+    if "torch._dynamo" not in sys.modules:
+        return
+    frames = _frames_compiled()
+    if frames == _FRAMES_AT_RESET[0]:
+        return
+    torch._dynamo.reset()
+    _FRAMES_AT_RESET[0] = frames
+
+
+_FRAMES_AT_RESET = [0]  # dynamo's frame count at this process's last reset
+
+
+def _frames_compiled() -> int:
+    """Frames dynamo has processed in this process (its counters survive `torch._dynamo.reset`)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"].get("total", 0))
 
 
 class CompileWatch:
