@@ -174,13 +174,26 @@ def serve() -> None:
 
 
 def _cuda_driver_loaded() -> bool:
-    """libcuda mapped into this process: something initialised (or may have) the driver, and a fork of a
-    process with an initialised driver cannot use CUDA."""
+    """Whether this process initialised the CUDA driver (a fork of it could not use CUDA then).
+
+    Torch's CUDA libraries map libcuda.so at import, so a mapped driver says nothing; an initialised one answers
+    `cuDeviceGetCount`, an uninitialised one returns CUDA_ERROR_NOT_INITIALIZED (3) and stays uninitialised."""
     try:
         with open("/proc/self/maps") as f:
-            return "libcuda.so" in f.read()
+            if "libcuda.so" not in f.read():
+                return False
     except OSError:
         return False
+    try:
+        import ctypes
+
+        count = ctypes.c_int()
+        return ctypes.CDLL("libcuda.so.1").cuDeviceGetCount(ctypes.byref(count)) != _CUDA_ERROR_NOT_INITIALIZED
+    except (OSError, AttributeError):  # a driver we cannot ask: assume the worst (a new interpreter per probe)
+        return True
+
+
+_CUDA_ERROR_NOT_INITIALIZED = 3
 
 
 def _spawn(line: str, out_fd: int) -> int:
