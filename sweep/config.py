@@ -78,7 +78,8 @@ class SweepConfig:
         "run a slot's next trial in the finished trial's process, reset to a fresh one's state (seconds saved per "
         "trial); --no-reuse-actors: a fresh process each",
         default_help="on unless a trial compiles (torch.compile, or FlexAttention on a GPU): on an H200 those measured "
-                     "up to 96 MiB apart in a reused process, every other technique to the MiB"))
+                     "up to 96 MiB apart in a reused process, and reused workers crashed after them; "
+                     "every other technique measured to the MiB"))
     verbose: int = field(default=1, metadata=_m(
         "; ".join(f"{k}: {v}" for k, v in VERBOSITY.items()), choices=tuple(VERBOSITY)))
     # fault tolerance

@@ -54,9 +54,9 @@ def build_forward_loss(model: nn.Module, loss_name: str, loss_fn: LossFn, compil
 def release_compiled() -> None:
     """Drop dynamo's caches: they are keyed by code object, so the next trial in this process would
     otherwise count against the recompile limit (and they keep the graphs' memory). Nothing to drop when
-    nothing compiled since the last reset: the fused AdamW imports dynamo without compiling, and on an H200
-    a reused eager process resetting that untouched dynamo between trials died of SIGSEGV in the trial's
-    next garbage collection (docs/results/startup_h200.md)."""
+    nothing compiled since the last reset: the fused AdamW imports dynamo without compiling. On an H200, reused
+    eager workers that reset that untouched dynamo between trials died of SIGSEGV in 4 of 8 hand-overs, and in
+    none of 9 once the reset was skipped (docs/results/startup_h200.md)."""
     if "torch._dynamo" not in sys.modules:
         return
     frames = _frames_compiled()
