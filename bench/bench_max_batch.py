@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                  "|---|---:|---|---|---:|---:|---:|"] + rows
     trained = [float(row.split(" | ")[5]) for row in rows if row.split(" | ")[5] != "-"]
     median = _num(statistics.median(trained) if trained else None, ".2f")
-    text = ("\n".join(per_probe) + f"\n\nmedian probe, fork to end: {median} s"
+    text = ("\n".join(per_probe) + f"\n\nmedian probe, start to end: {median} s"
             f"\n\nsearch: python -m sweep.run --find-max-batch {' '.join(sweep_args)}  ->  {path}\n\n"
             + "\n".join(summary) + "\n")
     if args.out:

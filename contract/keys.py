@@ -103,7 +103,7 @@ _KEYS = (
     Key("scout_outcomes", "scout", "the scout's sub-probes in order: [batch size, fits|oom|error, peak MiB]"),
     Key("scout_error", "scout", "why the scout stopped early (None when it found an answer)"),
     Key("probe_process", "probe", "how the probe's fresh process started: fork (of the warm probe server) or "
-                                  "spawn (a new interpreter: the server's process had loaded the CUDA driver)"),
+                                  "spawn (a new interpreter: the server's process had initialised the CUDA driver)"),
 )
 
 # Where the memory goes: the peak step's allocated memory split into components, measured by the trial (an

@@ -21,8 +21,6 @@ TOKEN_HELP = (
     "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or put it in ~/.ray/auth_token); "
     "`ray get-auth-token` on the head node prints it"
 )
-
-
 TOKEN_FILE_MODE = 0o600
 
 
@@ -105,6 +103,7 @@ def private_token_for_local_start() -> None:
 
 
 def auth_mode_name() -> str:
+    """The mode this process talks to the cluster in: token or disabled."""
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
     return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"

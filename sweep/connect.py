@@ -1,8 +1,7 @@
 """Join (or start) the Ray cluster a sweep runs on, and check that its storage is reachable from every node.
 
 Token authentication (Ray >= 2.52, `RAY_AUTH_MODE=token`; where the token comes from: sweep/auth.py): Ray
-only sends the token when `RAY_AUTH_MODE=token` is set in the client,
-or when it finds the cluster by itself (`address="auto"`); for an explicit address `connect` turns token mode
+only sends the token when `RAY_AUTH_MODE=token` is set in the client, or when it finds the cluster by itself (`address="auto"`); for an explicit address `connect` turns token mode
 on the same way when a token is available, so holding the token is enough. A cluster that refuses the
 client is reported at once with one line (`ClusterAuthError`) instead of Ray's 20 s of retries and a bare
 `ConnectionError`.
@@ -30,11 +29,8 @@ SHARED_STORAGE_ENV = "MEMEFF_SHARED_STORAGE"
 REMOTE_STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
 """URI schemes every node reaches on its own (pyarrow filesystems Ray Tune writes through)."""
 
-
-
 PROBE_TIMEOUT_S = 5.0
 """How long joining waits for the address to answer: a closed port answers at once, a dropped one never does."""
-
 
 
 class ClusterError(RuntimeError):

@@ -290,7 +290,7 @@ def find_max_batch_size(cfg: SweepConfig, plan: SweepPlan | None = None) -> tupl
 
 
 # -- the end ----------------------------------------------------------------------------------------------
-def results_table(path: str):
+def results_table(path: str) -> tuple[str, Any]:
     """(the comparison and max-batch tables from `analysis`, the loaded results): printed before the report's
     plots are drawn, so the table the user waits for comes first."""
     import analysis
@@ -302,7 +302,7 @@ def results_table(path: str):
     return text, loaded
 
 
-def write_report(path: str, loaded) -> str | None:
+def write_report(path: str, loaded: Any) -> str | None:
     """The report and plots next to local results; the directory, or None for storage URIs."""
     import analysis
 

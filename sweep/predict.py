@@ -359,10 +359,9 @@ def prediction_rows_for(plan) -> dict[str, Any]:
     for gpu, cap in REPORT_GPUS:
         for row in predict_points(seed_grid, memory_budget(cap, gpu=gpu)):
             seed_rows.append({**copy(row), "gpu": gpu})
-    keep = PREDICTION_RECORD_KEYS
     return {"budget": budget.source, "vocab_size": vocab,
-            "trials": [{k: r.get(k) for k in keep} for r in trials],
-            "seed_grid": [{**{k: r.get(k) for k in keep}, "gpu": r["gpu"]} for r in seed_rows]}
+            "trials": [{k: r.get(k) for k in PREDICTION_RECORD_KEYS} for r in trials],
+            "seed_grid": [{**{k: r.get(k) for k in PREDICTION_RECORD_KEYS}, "gpu": r["gpu"]} for r in seed_rows]}
 
 
 def dry_run_rows(plan) -> tuple[list[dict[str, Any]], str]:

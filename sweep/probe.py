@@ -161,7 +161,7 @@ def serve() -> None:
     for line in sys.stdin:
         sys.stdout.flush()
         sys.stderr.flush()
-        if torch.cuda.is_initialized() or _cuda_driver_loaded():
+        if torch.cuda.is_initialized() or _cuda_driver_initialised():
             os.write(out_fd, b'{"process": "spawn"}\n')  # reported with every probe: never a silent fallback
             pid = _spawn(line, out_fd)
         else:
@@ -173,7 +173,7 @@ def serve() -> None:
         os.write(out_fd, (json.dumps({"exit": _wait(pid)}) + "\n").encode())
 
 
-def _cuda_driver_loaded() -> bool:
+def _cuda_driver_initialised() -> bool:
     """Whether this process initialised the CUDA driver (a fork of it could not use CUDA then).
 
     Torch's CUDA libraries map libcuda.so at import, so a mapped driver says nothing; an initialised one answers
