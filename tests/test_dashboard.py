@@ -104,42 +104,80 @@ def _exports_metrics(url: str, wait_s: float = 20.0) -> bool:
     return False
 
 
-@pytest.mark.slow
-def test_every_dashboard_query_matches_the_metrics_a_trial_exports(ray_local, sample_dataset, tmp_path):
+def _tune_trials(seen: dict[str, list[dict[str, str]]], gauge: str) -> set[str]:
+    """The Tune trial names (`tune_trainable_...`) the scrape has seen `gauge` under."""
+    return {labels.get("trial", "") for labels in seen.get(f"ray_{gauge}", [])
+            if labels.get("trial", "").startswith("tune_trainable_")}
+
+
+def _run_until_scraped(url: str, trial_config: dict, resources: dict, gauges: tuple[str, ...], tmp_path: Path):
+    """Run one Tune trial until the scrape has seen every gauge in `gauges` under one Tune trial name.
+
+    A tiny trial can finish within Ray's metrics report period (its worker exits before anything reaches the
+    export port), so the trial runs until the scrape has seen what the test needs, then Tune stops it;
+    SCRAPE_TIMEOUT_S bounds the wait. Returns (Tune's result, what the scrape saw).
+    """
     from ray import tune
 
-    from trainable import TrialConfig, tune_trainable
+    from trainable import tune_trainable
 
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable on workers
-    node = next(n for n in ray_local.nodes() if n["Alive"])
-    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
     seen: dict[str, list[dict[str, str]]] = {}
-    done = threading.Event()
+    complete, done = tmp_path / "all-gauges-seen", threading.Event()  # a file: Tune pickles the stopper
 
     def scrape_until_done():
         while not done.is_set():
             for name, labels in _scrape(url).items():
                 seen.setdefault(name, []).extend(labels)
+            if set.intersection(*(_tune_trials(seen, name) for name in gauges)):
+                complete.touch()
             done.wait(1.0)
 
+    scraper = threading.Thread(target=scrape_until_done, daemon=True)
+    scraper.start()
+    deadline = time.time() + SCRAPE_TIMEOUT_S
+
+    def stop(trial_id: str, result: dict) -> bool:
+        return complete.exists() or time.time() > deadline
+
+    tuner = tune.Tuner(tune.with_resources(tune_trainable, resources), param_space=trial_config,
+                       run_config=tune.RunConfig(name="dash", storage_path=str(tmp_path), verbose=0, stop=stop))
+    [result] = tuner.fit()
+    done.set()
+    scraper.join()
+    assert result.error is None, result.error
+    assert complete.exists(), f"not every gauge of {gauges} under one Tune trial name within {SCRAPE_TIMEOUT_S} s: " \
+                              f"{sorted(seen)}"
+    return result, seen
+
+
+def _metrics_url(ray_local) -> str:
+    node = next(n for n in ray_local.nodes() if n["Alive"])
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+@pytest.mark.slow
+def test_every_dashboard_query_matches_the_metrics_a_trial_exports(ray_local, sample_dataset, tmp_path):
+    """A CPU trial exports loss and throughput under its Tune name; the recorder fills the CUDA-only gauges."""
+    from trainable import TrialConfig
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable on workers
+    url = _metrics_url(ray_local)
     recorder = recorder_class().remote()
     assert ray_local.get(recorder.record.remote({"loss": 2.5, "tokens_per_s": 1e5, "mem_step_peak_mib": 1234.0,
                                                  "mfu": 0.4}))
-    scraper = threading.Thread(target=scrape_until_done, daemon=True)
-    scraper.start()
     cfg = TrialConfig.from_dict(dict(data_dir=str(sample_dataset), device="cpu", n_layers=1, d_model=32, n_heads=2,
-                                     ff_dim=64, seq_len=64, batch_size=4, max_steps=300, warmup_steps=1,
-                                     eval_interval=0, eval_batches=1, eval_batch_size=4)).to_dict()
-    tuner = tune.Tuner(tune.with_resources(tune_trainable, {"cpu": 1}), param_space=cfg,
-                       run_config=tune.RunConfig(name="dash", storage_path=str(tmp_path), verbose=0))
-    [result] = tuner.fit()
+                                     ff_dim=64, seq_len=64, batch_size=4, max_steps=1_000_000, warmup_steps=1,
+                                     eval_interval=0, eval_batches=1, eval_batch_size=4,
+                                     checkpoint_interval=0)).to_dict()
+    _, seen = _run_until_scraped(url, cfg, {"cpu": 1}, ("memeff_loss", "memeff_tokens_per_s"), tmp_path)
     deadline = time.monotonic() + SCRAPE_TIMEOUT_S  # the recorder's gauges reach the port within a report period
     while time.monotonic() < deadline and len(seen) < len(GAUGES):
+        seen_now = _scrape(url)
+        for name, labels in seen_now.items():
+            seen.setdefault(name, []).extend(labels)
         time.sleep(1)
-    done.set()
-    scraper.join()
     ray_local.kill(recorder)
 
     assert set(seen) == {f"ray_{name}" for name in GAUGES}, sorted(seen)
@@ -148,64 +186,27 @@ def test_every_dashboard_query_matches_the_metrics_a_trial_exports(ray_local, sa
         for metric in metrics:
             missing = labels - set().union(*map(set, seen[metric]))
             assert not missing, f"{q}: {metric} has no label {missing} in the scrape"
-    trials = {labels["trial"] for labels in seen["ray_memeff_loss"]}
-    assert "bf16_flash_bs32" in trials and result.metrics["status"] == "ok"
-    tune_trial = next(t for t in trials if t.startswith("tune_trainable_"))  # Tune's trial name, tagged on the worker
+    assert "bf16_flash_bs32" in {labels["trial"] for labels in seen["ray_memeff_loss"]}  # the recorder's own tag
+    [tune_trial] = _tune_trials(seen, "memeff_loss")  # Tune's trial name, tagged on the worker
     assert {labels["label"] for labels in seen["ray_memeff_loss"] if labels["trial"] == tune_trial} == {"baseline"}
 
 
 @pytest.mark.cuda
 @pytest.mark.slow
 def test_a_cuda_trial_exports_every_gauge_the_dashboard_plots(ray_local, sample_dataset, tmp_path):
-    """On a GPU the trial itself fills all four panels (peak memory and MFU are measured there), under its Tune name.
+    """On a GPU the trial itself fills all four panels (peak memory and MFU are measured there), under its Tune name."""
+    from trainable import TrialConfig
 
-    A tiny trial on an H200 finishes within Ray's metrics report period (its worker exits before anything reaches
-    the export port), so the trial runs until the scrape has seen every gauge under a Tune trial name, then Tune
-    stops it; SCRAPE_TIMEOUT_S bounds the wait.
-    """
-    from ray import tune
-
-    from trainable import TrialConfig, tune_trainable
-
-    node = next(n for n in ray_local.nodes() if n["Alive"])
-    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    url = _metrics_url(ray_local)
     if not _exports_metrics(url):
         pytest.skip(f"this node's Ray serves no metrics at {url} (its metrics agent is not running, as in a Ray "
                     "without the `default` extra): the gauges cannot be scraped here")
-    seen: dict[str, list[dict[str, str]]] = {}
-    complete, done = tmp_path / "all-gauges-seen", threading.Event()  # a file: Tune pickles the stopper
-
-    def tune_trials(name: str) -> set[str]:
-        return {labels.get("trial", "") for labels in seen.get(f"ray_{name}", [])
-                if labels.get("trial", "").startswith("tune_trainable_")}
-
-    def scrape_until_done():
-        while not done.is_set():
-            for name, labels in _scrape(url).items():
-                seen.setdefault(name, []).extend(labels)
-            if set.intersection(*(tune_trials(name) for name in GAUGES)):
-                complete.touch()
-            done.wait(1.0)
-
-    scraper = threading.Thread(target=scrape_until_done, daemon=True)
-    scraper.start()
     cfg = TrialConfig.from_dict(dict(data_dir=str(sample_dataset), device="cuda", technique="flash", n_layers=2,
                                      d_model=256, n_heads=4, ff_dim=1024, seq_len=64, batch_size=32,
                                      max_steps=1_000_000, warmup_steps=10, eval_interval=0, eval_batches=1,
                                      eval_batch_size=4, checkpoint_interval=0)).to_dict()
-    deadline = time.time() + SCRAPE_TIMEOUT_S
-
-    def stop(trial_id: str, result: dict) -> bool:
-        return complete.exists() or time.time() > deadline
-
-    tuner = tune.Tuner(tune.with_resources(tune_trainable, {"cpu": 1, "gpu": 1}), param_space=cfg,
-                       run_config=tune.RunConfig(name="dash-cuda", storage_path=str(tmp_path), verbose=0, stop=stop))
-    [result] = tuner.fit()
-    done.set()
-    scraper.join()
-    assert result.error is None, result.error
-    assert complete.exists(), f"not every gauge under one Tune trial name within {SCRAPE_TIMEOUT_S} s: {sorted(seen)}"
-    [trial] = set.intersection(*(tune_trials(name) for name in GAUGES))
+    result, seen = _run_until_scraped(url, cfg, {"cpu": 1, "gpu": 1}, tuple(GAUGES), tmp_path)
+    [trial] = set.intersection(*(_tune_trials(seen, name) for name in GAUGES))
     assert Path(result.path).name.startswith(trial)  # Tune's trial name, its directory's prefix
     labels = {labels["label"] for labels in seen["ray_memeff_loss"] if labels["trial"] == trial}
     assert labels == {"bf16_flash"}, labels
