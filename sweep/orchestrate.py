@@ -8,8 +8,6 @@ The driver imports neither torch nor the training code: trials import it on thei
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
 import sys
 from dataclasses import replace
@@ -23,6 +21,7 @@ from .config import SweepConfig
 from .connect import ClusterInfo, check_storage, connect
 from .errors import SweepError
 from .plan import MAX_FAILURES, SweepPlan, check_data, plan_sweep, require_gpus
+from .resume_state import mark_finished, use_valid_state
 from .tuning import cluster_gpus, largest_node, local_gpus, name_trial, param_space, sweep_trainable, trial_resources
 
 # Tune keeps each trial's newest checkpoint only. Not 2: Tune forces its experiment directory (each trial's
@@ -164,6 +163,10 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None):
     trainable = tune.with_resources(sweep_trainable, resources)
     if cfg.resume:
         use_valid_state(plan.path)
+        finished = mark_finished(plan.path)
+        if finished and cfg.verbose >= 1:
+            print(f"note: {', '.join(finished)} finished before the driver stopped (final report saved, Tune's "
+                  "state not yet): recorded as finished, not run again", file=sys.stderr)
         if cfg.verbose >= 1:
             print(f"resuming {plan.path}", file=sys.stderr)
         try:
@@ -211,30 +214,6 @@ def reuse_actors(plan: SweepPlan) -> bool:
         return bool(point["compile"]) or (plan.use_gpu and select_kernel_name(
             point["attention"], point["precision"], "cuda", point.get("kernel") or "auto") == "flex")
     return not any(compiles(p) for p in plan.grid)
-
-
-def use_valid_state(path: str) -> None:
-    """Tune resumes from the newest experiment_state-*.json; a damaged newest one would restart every trial
-    and overwrite finished results. Set it aside when an older valid one exists; refuse when none is valid."""
-    if is_uri(path):
-        return
-    states = sorted(glob.glob(os.path.join(path, "experiment_state-*.json")))
-    valid = [s for s in states if _is_valid_state(s)]
-    if not valid:
-        raise SweepError(f"--resume: every experiment_state-*.json in {path} is damaged; the sweep cannot resume "
-                         "safely (its trials' results are untouched)")
-    for state in states[states.index(valid[-1]) + 1:]:
-        os.replace(state, state + ".damaged")
-        print(f"note: {Path(state).name} is damaged: set aside as {Path(state).name}.damaged; resuming from "
-              f"{Path(valid[-1]).name}", file=sys.stderr)
-
-
-def _is_valid_state(path: str) -> bool:
-    try:
-        state = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and isinstance(state.get("trial_data"), list)
 
 
 def incomplete_trials(results) -> list[str]:

@@ -22,6 +22,7 @@ from trainable.errors import ConfigError
 from .config import SweepConfig, check_name
 from .errors import SweepError
 from .grid import PRESETS, build_grid, grid_axes, grid_names
+from .resume_state import finished_trials, valid_state
 from .tuning import default_name, experiment_path, resolve_storage
 
 # The shipped sample is prepared on first use with a vocabulary that suits its size. It is small (a few
@@ -243,43 +244,21 @@ def plan_resume(cfg: SweepConfig) -> SweepPlan:
     if name is None:
         raise SweepError(f"--resume: no experiment under {storage} (pass --name of the one to resume)")
     path = experiment_path(storage, name)
-    state = None
-    if not is_uri(path):
-        states = sorted(Path(path).glob("experiment_state-*.json"))
-        if not states:
-            raise SweepError(f"--resume: {path} is not a Tune experiment directory")
-        state = newest_valid_state(states)
-        if state is None:
-            raise SweepError(f"--resume: every experiment_state-*.json in {path} is damaged; the sweep cannot "
-                             "resume safely (its trials' results are untouched)")
+    state = None if is_uri(path) else valid_state(path)[1]
     saved = read_saved_grid(path)
     grid, preset = saved["grid"], str(saved.get("preset", "custom"))
+    progress = "" if state is None else _progress(path, state, len(grid))
     check_local_cpus(cfg)
-    notice = f"notice: {describe_grid(grid, f'resuming the {preset} grid')}{_progress(state, len(grid))}"
+    notice = f"notice: {describe_grid(grid, f'resuming the {preset} grid')}{progress}"
     return SweepPlan(cfg=cfg, preset_name=preset, grid=grid, use_gpu=bool(saved.get("use_gpu")),
                      data_dir=grid[0]["data_dir"], storage=storage, name=name,
                      notice=notice if cfg.verbose >= 1 else None)
 
 
-def newest_valid_state(states: list[Path]) -> dict[str, Any] | None:
-    """The newest experiment_state-*.json that parses as Tune's state (Tune resumes from the newest file;
-    orchestrate sets a damaged newer one aside), or None when none does."""
-    for path in reversed(states):
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(state, dict) and isinstance(state.get("trial_data"), list):
-            return state
-    return None
-
-
-def _progress(state: dict[str, Any] | None, total: int) -> str:
-    """`; 3 finished, 5 to run` from Tune's saved state ('' when unknown: a storage URI)."""
-    if state is None:
-        return ""
+def _progress(path: str, state: dict[str, Any], total: int) -> str:
+    """`; 3 finished, 5 to run` from Tune's saved state and the trials' final reports."""
     try:
-        finished = sum(json.loads(trial)["status"] == "TERMINATED" for trial, _ in state["trial_data"])
+        finished = len(finished_trials(path, state))
     except (ValueError, KeyError, TypeError):
         return ""
     return f"; {finished} finished, {total - finished} to run"
