@@ -201,19 +201,23 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None):
 def reuse_actors(plan: SweepPlan) -> bool:
     """Whether a finished trial's process runs the next trial: as asked, else whenever no trial compiles.
 
-    A reused process is reset to a fresh one's state (trainable.setup.reset_process); on an H200 every technique
-    then measured the same peaks to the MiB as in a fresh process, except those that compile (torch.compile, and
-    FlexAttention, which compiles its kernel on CUDA): up to 96 MiB apart (docs/results/startup_h200.md)."""
+    A reused process is reset to a fresh one's state (trainable.setup.reset_process); on an H200 every eager
+    technique then measured the same peaks to the MiB as in a fresh process (tests/test_reuse_cuda.py). Those that
+    compile do not get a reused process: window_compile measured 96 MiB apart, and reused workers died of SIGSEGV
+    after FlexAttention trials (docs/results/startup_h200.md)."""
     if plan.cfg.reuse_actors is not None:
         return plan.cfg.reuse_actors
     if plan.cfg.resume:  # restored trials start from checkpoints: seen handed a deleted one in a reused process
         return False
+    return not any(compiles(p, plan.use_gpu) for p in plan.grid)
+
+
+def compiles(point: dict[str, Any], use_gpu: bool) -> bool:
+    """Whether a grid point compiles: torch.compile, or FlexAttention (it compiles its kernel on CUDA)."""
     from trainable.kernels import select_kernel_name
 
-    def compiles(point: dict[str, Any]) -> bool:
-        return bool(point["compile"]) or (plan.use_gpu and select_kernel_name(
-            point["attention"], point["precision"], "cuda", point.get("kernel") or "auto") == "flex")
-    return not any(compiles(p) for p in plan.grid)
+    return bool(point["compile"]) or (use_gpu and select_kernel_name(
+        point["attention"], point["precision"], "cuda", point.get("kernel") or "auto") == "flex")
 
 
 def incomplete_trials(results) -> list[str]:

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from sweep.orchestrate import compiles
+from trainable import TrialConfig
+
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(device="cuda", n_layers=2, d_model=128, n_heads=4, ff_dim=512, seq_len=64, batch_size=32, max_steps=4,
@@ -73,21 +76,27 @@ def _forked(configs: list[dict]) -> list[dict]:
 
 def test_every_technique_measures_the_same_in_a_reused_process_as_in_a_fresh_one(sample_dataset):
     configs = [_config(sample_dataset, s) for s in TECHNIQUES.values()]
+    # The first process ever to compile a kernel reserves more (inductor's and Triton's on-disk caches are cold):
+    # compile each compiling technique once first, as any sweep's earlier trials or a probe's scout would have.
+    compiling = [c for c in configs if compiles(TrialConfig.from_dict(c).to_dict(), True)]
+    assert [r["status"] for r in _run(compiling)] == ["ok"] * len(compiling)
     with ThreadPoolExecutor(4) as pool:  # fresh processes side by side: each its own CUDA context and allocator
         fresh = [r[0] for r in pool.map(lambda c: _run([c]), configs)]
     reused = _run([_config(sample_dataset, s) for s in DIRTY] + configs)
     dirty, reused = reused[: len(DIRTY)], reused[len(DIRTY):]
     assert [d["status"] for d in dirty] == ["ok", "oom", "ok"]
     forked = _forked(configs)
-    worst: dict[str, float] = {}
+    worst: dict[tuple[str, str], float] = {}  # (technique, reused|forked) -> MiB apart from fresh, worst step and key
     for name, a, b, c in zip(TECHNIQUES, fresh, reused, forked):
         assert a["status"] == b["status"] == c["status"] == "ok", name
         assert a["trials_before"] == c["trials_before"] == 0 and b["trials_before"] >= len(DIRTY)
-        diffs = [abs(x[k] - other[k]) for x, y, z in zip(a["steps"], b["steps"], c["steps"]) for other in (y, z)
-                 for k in MEMORY]
-        worst[name] = max(diffs)
-        peak = max(s["mem_step_peak_mib"] for s in a["steps"])
-        print(f"{name:17s} peak {peak:9.1f} MiB  worst |reused or forked - fresh| {worst[name]:.3f} MiB "
-              f"(fresh reserved {a['steps'][-1]['mem_reserved_mib']:.0f} MiB)")
+        line = [f"{name:17s} peak {max(s['mem_step_peak_mib'] for s in a['steps']):9.1f} MiB"]
+        for path, other in (("reused", b), ("forked", c)):
+            apart = {k: max(abs(x[k] - y[k]) for x, y in zip(a["steps"], other["steps"])) for k in MEMORY}
+            worst[name, path] = max(apart.values())
+            line.append(f"|{path} - fresh|: peaks {max(v for k, v in apart.items() if k != 'mem_reserved_mib'):.3f}, "
+                        f"reserved {apart['mem_reserved_mib']:.3f} MiB")
+        print("  ".join(line) + f"  (fresh reserved {a['steps'][-1]['mem_reserved_mib']:.0f} MiB)")
         assert [s["loss"] for s in b["steps"]] == pytest.approx([s["loss"] for s in a["steps"]], rel=1e-3)
-    assert max(worst.values()) < 1.0, worst  # to the MiB, every step, every technique
+    # To the MiB, every step, every technique, in a reused process and in a probe's fork.
+    assert {key: apart for key, apart in worst.items() if apart >= 1.0} == {}
