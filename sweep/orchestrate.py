@@ -202,9 +202,9 @@ def reuse_actors(plan: SweepPlan) -> bool:
     """Whether a finished trial's process runs the next trial: as asked, else whenever no trial compiles.
 
     A reused process is reset to a fresh one's state (trainable.setup.reset_process); on an H200 every eager
-    technique then measured the same peaks to the MiB as in a fresh process (tests/test_reuse_cuda.py). Those that
-    compile do not get a reused process: window_compile measured 96 MiB apart, and reused workers died of SIGSEGV
-    after FlexAttention trials (docs/results/startup_h200.md)."""
+    technique then measured the same memory to the MiB as in a fresh process (tests/test_reuse_cuda.py). Grids
+    that compile do not reuse: reused workers died of SIGSEGV after FlexAttention trials, and compiling
+    techniques reserved 68-96 MiB more in whichever process compiled a kernel first (docs/results/startup_h200.md)."""
     if plan.cfg.reuse_actors is not None:
         return plan.cfg.reuse_actors
     if plan.cfg.resume:  # restored trials start from checkpoints: seen handed a deleted one in a reused process
