@@ -127,12 +127,13 @@ def plan_sweep(cfg: SweepConfig, gpus: int | None = None) -> SweepPlan:
     grid = build_grid(techniques, (1,) if cfg.find_max_batch else batch_sizes, windows, seq_lens=seq_lens,
                       tokens_per_batch=None if cfg.find_max_batch else cfg.tokens_per_batch,
                       overrides=overrides, only=cfg.only, skip=cfg.skip)
+    why = "--device cpu" if cfg.device == "cpu" else "no GPU in the Ray cluster"
     if preset_name == "cpu" and cfg.preset is None:
-        notice = f"notice: no GPU in the Ray cluster: running {describe_grid(grid, 'the CPU grid')}; " \
+        notice = f"notice: {why}: running {describe_grid(grid, 'the CPU grid')}; " \
                  "use --preset seed on a GPU machine for the real sweep"
     elif preset_name == "custom" and not use_gpu and cfg.techniques is None:
-        notice = f"notice: no GPU: the grid uses the techniques a CPU runs ({', '.join(techniques)}): " \
-                 f"{describe_grid(grid, 'the custom CPU grid')}"
+        notice = f"notice: {why.removesuffix(' in the Ray cluster')}: the grid uses the techniques a CPU runs " \
+                 f"({', '.join(techniques)}): {describe_grid(grid, 'the custom CPU grid')}"
     check_local_cpus(cfg)
     storage = resolve_storage(cfg.storage_path)
     name = cfg.name or default_name("max-batch" if cfg.find_max_batch else preset_name)

@@ -146,6 +146,8 @@ def test_the_cpu_notice_describes_the_grid_that_actually_runs(sample_dataset):
     tokens = plan_sweep(SweepConfig(data_dir=str(sample_dataset), overrides={"max_tokens": 5000}), gpus=0)
     assert "30 steps / 5000 tokens each" in tokens.notice  # both budgets; the first reached ends a trial
     assert plan_sweep(SweepConfig(data_dir=str(sample_dataset), verbose=0), gpus=0).notice is None
+    asked = plan_sweep(SweepConfig(data_dir=str(sample_dataset), device="cpu"), gpus=1)  # a GPU there, CPU asked for
+    assert asked.preset_name == "cpu" and asked.notice.startswith("notice: --device cpu: running the CPU grid: 8 trials")
 
 
 @pytest.mark.parametrize(("given", "expected"), [
