@@ -9,6 +9,7 @@ The driver imports neither torch nor the training code: trials import it on thei
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -231,8 +232,9 @@ def incomplete_trials(results) -> list[str]:
 
 
 def resume_command(cfg: SweepConfig, plan: SweepPlan) -> str:
-    address = f" --address {cfg.address}" if cfg.address else ""
-    return f"python -m sweep.run --resume --name {plan.name} --storage-path {plan.storage}{address}"
+    address = f" --address {shlex.quote(cfg.address)}" if cfg.address else ""
+    return (f"python -m sweep.run --resume --name {shlex.quote(plan.name)} --storage-path "
+            f"{shlex.quote(plan.storage)}{address}")
 
 
 # -- the max-batch search ---------------------------------------------------------------------------------
