@@ -55,7 +55,7 @@ def prepare(cfg: SweepConfig) -> SweepPlan:
     if not local:
         cfg.validate()  # a bad flag never waits for a connection
         info = connect(cfg.address, log_to_driver=cfg.verbose >= 2)
-        gpus = int(info.num_gpus)
+        gpus = None if info.can_autoscale and not info.num_gpus else int(info.num_gpus)  # None: may come
     plan = plan_sweep(cfg, gpus)
     if plan.sample is not None:
         _prepare_sample(*plan.sample)
@@ -64,7 +64,7 @@ def prepare(cfg: SweepConfig) -> SweepPlan:
         info = connect(cfg.address, log_to_driver=cfg.verbose >= 2)
         require_gpus(plan, int(info.num_gpus), cfg.address)
     plan = replace(plan, storage=check_storage(plan.storage, info, shared=cfg.shared_storage))
-    check_resources(plan)
+    check_resources(plan, info.can_autoscale)
     if info.multi_node:  # a node with other code or without --data: one line, before any trial is scheduled
         from .preflight import check_cluster
 
@@ -100,16 +100,22 @@ def _dashboard_url() -> str | None:
     return f"http://{url}" if url and not url.startswith("http") else url
 
 
-def check_resources(plan: SweepPlan) -> None:
-    """A trial's request must fit on one node, or Tune would wait for it forever."""
+def check_resources(plan: SweepPlan, can_autoscale: bool = False) -> None:
+    """A trial's request must fit on one node, or Tune would wait for it forever. On an autoscaling cluster
+    (cluster.yaml's GPU workers start at 0) the node may not exist yet: then say so and let Tune wait for it."""
     cfg = plan.cfg
     need_cpu = cfg.cpus_per_trial or 1
     have_cpu = largest_node("CPU")
+    problems = []
     if need_cpu > have_cpu:
-        raise SweepError(f"--cpus-per-trial {need_cpu}: no node of the cluster has that many CPUs (the largest has "
-                         f"{have_cpu:g}); trials would wait forever")
+        problems.append((f"--cpus-per-trial {need_cpu}: no node of the cluster has that many CPUs (the largest has "
+                         f"{have_cpu:g})", "; trials would wait forever"))
     if plan.use_gpu and largest_node("GPU") < 1:
-        raise SweepError("the grid needs a GPU per trial but no node of the cluster has one: use --device cpu")
+        problems.append(("the grid needs a GPU per trial but no node of the cluster has one", ": use --device cpu"))
+    for what, remedy in problems:
+        if not can_autoscale:
+            raise SweepError(what + remedy)
+        print(f"note: {what} yet; its trials wait until the autoscaler adds one", file=sys.stderr)
 
 
 # -- the grid ----------------------------------------------------------------------------------------------
