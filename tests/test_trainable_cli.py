@@ -1,6 +1,7 @@
 """`python -m trainable`: seed-compatible flags, --metrics-out JSON lines, one-line errors with exit 2."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -75,6 +76,38 @@ def test_bad_input_is_one_line_and_exit_2(sample_dataset, tmp_path, capsys, argv
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "\n" not in err and "Traceback" not in err
     assert not out.exists() and not (tmp_path / "m.jsonl.partial").exists()
+
+
+ON_OFF = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction)
+
+
+def _sweep_parser() -> argparse.ArgumentParser:
+    from sweep.run import build_parser as sweep_build_parser
+
+    return sweep_build_parser()
+
+
+@pytest.mark.parametrize(("make_parser", "some"), [
+    (build_parser, {"--window-size", "--checkpoint-dir", "--metrics-out", "--verify-data", "--log-every", "--seed"}),
+    (_sweep_parser, {"--techniques", "--batch-sizes", "--storage-path", "--max-steps", "--seed"}),
+], ids=["trainable", "sweep.run"])
+def test_help_shows_the_default_of_every_option_with_a_value(make_parser, some):
+    """`python -m trainable --help` and `python -m sweep.run --help`: every option that takes a value (and every
+    --x/--no-x pair) says its default; a None default reads `unset` like the generated flags, never `None`."""
+    parser = make_parser()
+    formatter = parser._get_formatter()
+    text = parser.format_help()
+    assert "%(default)" not in text and "(default: None)" not in text
+    valued, missing = [], []
+    for action in parser._actions:
+        if not action.option_strings or isinstance(action, (argparse._HelpAction, *ON_OFF)):
+            continue  # positionals, --help, plain on/off switches
+        valued.append(action.option_strings[0])
+        shown = formatter._expand_help(action) if action.help else ""
+        if "(default: " not in shown or "(default: None)" in shown:
+            missing.append(action.option_strings[0])
+    assert not missing, f"{parser.prog} --help shows no default for {missing}"
+    assert some <= set(valued)  # the check sees the options it is about
 
 
 def test_usage_errors_are_one_line(capsys):

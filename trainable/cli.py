@@ -37,12 +37,15 @@ def build_parser() -> OneLineParser:
     seed = p.add_argument_group("the seed's flags")
     seed.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     seed.add_argument("--flash-attn", action="store_true", help="FlashAttention (needs CUDA and bf16)")
-    seed.add_argument("--window-size", type=int, metavar="W", help="sliding-window attention of W keys")
+    seed.add_argument("--window-size", type=int, metavar="W", help="sliding-window attention of W keys "
+                      "(default: unset: --window and the technique decide)")
     seed.add_argument("--gradient-checkpointing", action="store_true", help="recompute every block in backward")
     p.set_defaults(_fields=add_config_arguments(p.add_argument_group("trial configuration"), TrialConfig))
     run = p.add_argument_group("this run")
-    run.add_argument("--checkpoint-dir", metavar="DIR", help="save resumable state here and resume from it")
-    run.add_argument("--metrics-out", metavar="FILE", help="write one JSON object per step (JSON lines)")
+    run.add_argument("--checkpoint-dir", metavar="DIR", help="save resumable state here and resume from it "
+                     "(default: unset: no resumable state)")
+    run.add_argument("--metrics-out", metavar="FILE", help="write one JSON object per step (JSON lines) "
+                     "(default: unset: not written)")
     run.add_argument("--verify-data", choices=("full", "size"), default="full",
                      help="check the dataset's shards before training: full = sha256, size = sizes only "
                           "(default: %(default)s)")
