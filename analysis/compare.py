@@ -5,12 +5,14 @@ from typing import Any
 
 import pandas as pd
 
+from contract.io import first_line
+
 from .load import SweepResults
 from .selection import (
     PREDICTED_NOTE, baseline_label, comparison_batch_size, comparison_note, memory_savings, memory_source, ok_trials,
 )
 from .speed import MIN_SPEED_STEPS, SPEED_RULE_SKIP, WARMUP_STEPS, speed_verdict
-from .text import Table, first_line, mfu, missing, num, params, pct, present, text_cell
+from .text import CELL_LINE_LIMIT, Table, mfu, missing, num, params, pct, present, text_cell
 
 STATUS_ORDER = {"ok": 0, "oom": 1, "nan": 2, "error": 3, "incomplete": 4}
 PPL_TIE = 0.001  # val PPLs within 0.1% of the best are named beside it
@@ -188,6 +190,11 @@ def _window_suffix(window: Any) -> str:
     return f" (window {int(window)})" if present(window) and window > 0 else ""
 
 
+def _message_cell(message: Any) -> str:
+    """A message's first line, cut to fit a cell; `-` when there is none."""
+    return ("" if missing(message) else first_line(message, limit=CELL_LINE_LIMIT)) or "-"
+
+
 def limit_cell(limit_gb: Any) -> str:
     return f"{limit_gb:g} GB" if present(limit_gb) and limit_gb > 0 else "full GPU"
 
@@ -201,7 +208,7 @@ def failures_tables(results: SweepResults) -> list[Table]:
         Table("OOM trials", ["trial", "batch size", "phase", "memory at failure (MiB)", "message"],
               [[str(t["name"]), num(t["batch_size"], 0), text_cell(t["oom_phase"]), num(
                   t["oom_mem_peak_mib"] if pd.notna(t["oom_mem_peak_mib"]) else t["peak_mem_mib"], 0),
-                first_line(t["oom_message"])] for _, t in ooms.iterrows()], [] if len(ooms) else ["None."]),
+                _message_cell(t["oom_message"])] for _, t in ooms.iterrows()], [] if len(ooms) else ["None."]),
         Table("Errored trials", ["trial", "batch size", "error"],
               [[str(t["name"]), num(t["batch_size"], 0), text_cell(t["error"])] for _, t in errors.iterrows()],
               [] if len(errors) else ["None."]),

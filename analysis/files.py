@@ -11,6 +11,8 @@ from typing import Any
 
 import pandas as pd
 
+from contract.io import first_line, is_uri
+
 # Keys Tune adds to every report: bookkeeping, not measurements (left out of `steps`).
 TUNE_BOOKKEEPING = ("checkpoint_dir_name", "done", "date", "pid", "hostname", "node_ip", "time_since_restore",
                     "iterations_since_restore", "experiment_tag", "time_this_iter_s", "timestamp", "trial_id",
@@ -28,11 +30,11 @@ class Files:
         import pyarrow.fs
 
         self._fs_module = pyarrow.fs
-        if "://" in path:
+        if is_uri(path):
             try:
                 self.fs, self.root = pyarrow.fs.FileSystem.from_uri(path)
             except (OSError, ValueError) as exc:
-                raise AnalysisError(f"{path}: cannot open ({str(exc).splitlines()[0][:160]})") from None
+                raise AnalysisError(f"{path}: cannot open ({first_line(exc, limit=160)})") from None
         else:
             self.fs, self.root = pyarrow.fs.LocalFileSystem(), str(Path(path).resolve())
         self.root = self.root.rstrip("/")

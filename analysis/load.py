@@ -12,7 +12,7 @@ sweep, the trainable and torch):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from contract.experiment import (GRID_KEY, KIND_KEY, MAX_BATCH_FILE, MAX_BATCH_R
                                  PREDICTIONS_FILE)
 from contract.io import error_line
 from contract.keys import BREAKDOWN_KEYS, TRIAL_STATUSES, keys_of
-from contract.techniques import technique_family, technique_label
+from contract.techniques import Switches, technique_family, technique_label
 
 from .files import AnalysisError, Files, TrialEntry, error_text, history, newest_state, trial_entries
 from .speed import (  # noqa: F401  (re-exported: the speed rule's names are part of this module's API)
@@ -37,7 +37,8 @@ MEMORY_AGGREGATES = (
 # What analysis computes from a trial's reports (the rest of a row is its config and the contract's keys).
 AGGREGATES = ("steps_reported", "final_loss", *MEMORY_AGGREGATES, *SPEED_COLUMNS)
 IDENTITY = ("trial_id", "name", "kind", "technique", "label", "family", "status")
-SWITCHES = ("precision", "attention", "window", "checkpointing", "loss", "compile", "batch_size", "seq_len")
+# A technique's switches (contract.techniques.Switches: a new switch gets a column by itself), then the shape.
+SWITCHES = (*(f.name for f in fields(Switches)), "batch_size", "seq_len")
 FINAL_TOTALS = tuple(k for k in keys_of("final") if k not in ("final", "status"))
 # Joined from PREDICTIONS_FILE by trial name: the memory model's CUDA peak for the trial's own config.
 PREDICTED = ("predicted_peak_mib", "predicted_upper_bound")

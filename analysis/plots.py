@@ -31,11 +31,9 @@ PLOTS: tuple[tuple[Plot, bool], ...] = (
     (plot_technique_comparison, True), (plot_window_comparison, True), (plot_memory_savings, True),
     (plot_loss_curves, True), (plot_max_batch, False), (plot_memory_breakdown, True), (plot_seq_len, True),
 )
-TRAINING_PLOTS: tuple[Plot, ...] = tuple(plot for plot, training in PLOTS if training)
-SEARCH_PLOTS: tuple[Plot, ...] = tuple(plot for plot, training in PLOTS if not training)
 
-__all__ = ["PLOTS", "PREFERRED_COMPARISON_BATCH", "SEARCH_PLOTS", "SkipPlot", "TRAINING_PLOTS", "baseline_label",
-           "comparison_batch_size", "identical_groups", "memory_savings", "ok_trials", "pareto_front",
-           "plot_loss_curves", "plot_max_batch", "plot_memory_breakdown", "plot_memory_savings",
-           "plot_memory_vs_batch", "plot_seq_len", "plot_speed_vs_batch", "plot_technique_comparison",
-           "plot_tradeoff", "plot_window_comparison", "technique_colors", "technique_style"]
+__all__ = ["PLOTS", "PREFERRED_COMPARISON_BATCH", "SkipPlot", "baseline_label", "comparison_batch_size",
+           "identical_groups", "memory_savings", "ok_trials", "pareto_front", "plot_loss_curves", "plot_max_batch",
+           "plot_memory_breakdown", "plot_memory_savings", "plot_memory_vs_batch", "plot_seq_len",
+           "plot_speed_vs_batch", "plot_technique_comparison", "plot_tradeoff", "plot_window_comparison",
+           "technique_colors", "technique_style"]

@@ -5,9 +5,11 @@ from typing import Any
 
 import pandas as pd
 
+from contract.io import first_line
+
 from .compare import limit_cell
 from .load import SweepResults
-from .text import Table, first_line, mfu, num, present, text_cell
+from .text import CELL_LINE_LIMIT, Table, mfu, num, present, text_cell
 
 
 def _window_cell(window: Any) -> str:
@@ -40,7 +42,7 @@ def max_batch_table(results: SweepResults) -> Table | None:
         _probes_rounds(_probe_count(r.get("probes")), r.get("rounds")),
         _probes_rounds(r.get("unseeded_probes"), r.get("unseeded_rounds")),
         num(r.get("parallelism"), 0), num(r.get("wall_time_s"), 1), str(r.get("status", "-")),
-        first_line(r.get("error")) if present(r.get("error")) else "",
+        first_line(r.get("error"), limit=CELL_LINE_LIMIT) if present(r.get("error")) else "",
     ] for r in records]
     notes = ["probes/rounds: probe trials and rounds of parallel probes the search ran (seeded with the predicted "
              "max batch when one is shown); unseeded: what the search from a small batch would have cost, "

@@ -8,6 +8,8 @@ import pandas as pd
 
 from contract.table import render
 
+CELL_LINE_LIMIT = 120  # a message in a table cell: its first line, cut shorter than contract.io's error lines
+
 
 @dataclass
 class Table:
@@ -54,13 +56,6 @@ def params(value: Any) -> str:
 
 def mfu(value: Any) -> str:
     return "-" if missing(value) else f"{100 * value:.1f}%"
-
-
-def first_line(value: Any, limit: int = 120) -> str:
-    if missing(value) or not str(value).strip():
-        return "-"
-    line = str(value).strip().splitlines()[0]
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def text_cell(value: Any) -> str:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from contract.io import write_text_atomic  # noqa: E402
 from trainable.fused_ce import fused_linear_cross_entropy  # noqa: E402
 
 MIB = float(1 << 20)
@@ -176,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
               f"chunk={args.chunk_size}, fwd+bwd, {time.perf_counter() - started:.0f} s total")
     print(header + "\n\n" + table)
     if args.out:
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(header + "\n\n" + table + "\n")
-        tmp.replace(args.out)
+        write_text_atomic(str(args.out), header + "\n\n" + table + "\n")
     return 0
 
 

@@ -1,6 +1,6 @@
 """The contract between the stages: what a trial reports, what an experiment holds, what a technique is.
 
-Small, dependency-free, and below every stage (`trainable`, `sweep` and `analysis` import it; it imports
+Small, dependency-free, and below every stage (`data_prep`, `trainable`, `sweep` and `analysis` import it; it imports
 none of them, nor torch, nor Ray), so each concept is defined once:
 
 * `contract.techniques`: the switch vocabulary, the named technique presets, the derived label and family;

@@ -43,8 +43,10 @@ PREDICTION_RECORD_KEYS = (
 )
 
 
-def trial_name(label: str, batch_size: int, kind: str = "train") -> str:
-    """`bf16_flash_bs64`; a max-batch probe is `probe_bf16_flash_bs37`."""
+def trial_name(label: str, batch_size: int, kind: str = "train", *, seq_len: int | None = None) -> str:
+    """`bf16_flash_bs64`; `bf16_flash_s1024_bs64` with the seq_len (a grid of several); a max-batch probe is
+    `probe_bf16_flash_bs37`."""
     if kind not in TRIAL_KINDS:
         raise ValueError(f"unknown trial kind {kind!r}; choose from {', '.join(TRIAL_KINDS)}")
-    return f"{'probe_' if kind == 'probe' else ''}{label}_bs{batch_size}"
+    seq_part = "" if seq_len is None else f"_s{seq_len}"
+    return f"{'probe_' if kind == 'probe' else ''}{label}{seq_part}_bs{batch_size}"

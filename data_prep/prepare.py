@@ -8,7 +8,6 @@ a kill at any moment leaves the old dataset or the new one, never neither.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
+
+from contract.io import atomic_write
 
 from .atomic import MANIFEST_NAME, created_dirs, install, step
 from .corpus import SPLIT_FRACTIONS, SPLIT_NAMES, Corpus, corpus_stem, split_of
@@ -222,15 +223,10 @@ def build_manifest(cfg: PrepareConfig, corpus: Corpus, tokenizer: PreparedTokeni
     }
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _commit(tmp: Path, out: Path, manifest: dict, overwrite: bool) -> None:
     """Write the manifest (its presence = complete), then swap the finished directory into place."""
-    _write_json_atomic(tmp / MANIFEST_NAME, manifest)
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"  # non-ASCII text kept as written
+    atomic_write(tmp / MANIFEST_NAME, lambda path: path.write_text(text, encoding="utf-8"))
     check_out_dir(out, overwrite)  # again: `out` may have changed while the corpus was being tokenized
     try:
         install(tmp, out, replace=overwrite)

@@ -19,15 +19,15 @@ import pyarrow.ipc as ipc
 
 from .atomic import MANIFEST_NAME, restore_missing
 from .errors import DataPrepError, DatasetError
-from .schema import DTYPES, FORMAT_VERSION, SPLITS, check_manifest, shard_format
+from .schema import DTYPES, FORMAT_VERSION, check_manifest, shard_format
 
 TOKENS_COLUMN = "tokens"
 VERIFY_MODES = ("none", "size", "full")
 Verify = Literal["none", "size", "full"]
 _OPENERS = {"arrow_stream": ipc.open_stream, "arrow_file": ipc.open_file}
 
-__all__ = ["DTYPES", "FORMAT_VERSION", "MANIFEST_NAME", "SPLITS", "TOKENS_COLUMN", "PreparedDataset", "TokenSplit",
-           "file_sha256", "open_dataset", "read_manifest", "verify_shards"]
+__all__ = ["DTYPES", "FORMAT_VERSION", "MANIFEST_NAME", "TOKENS_COLUMN", "PreparedDataset", "TokenSplit", "file_sha256",
+           "open_dataset", "read_manifest", "verify_shards"]
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:

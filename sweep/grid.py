@@ -93,8 +93,8 @@ def grid_names(grid: Sequence[dict[str, Any]]) -> list[str]:
 def trial_name(cfg: TrialConfig | dict, *, with_seq_len: bool = False, kind: str = "train") -> str:
     """`<technique label>_bs<batch size>`, e.g. `bf16_flash_bs64` (`bf16_flash_s1024_bs64` with the seq_len)."""
     d = cfg.to_dict() if isinstance(cfg, TrialConfig) else cfg
-    label = technique_label(d) + (f"_s{d['seq_len']}" if with_seq_len else "")
-    return contract_trial_name(label, d["batch_size"], kind)
+    seq_len = d["seq_len"] if with_seq_len else None
+    return contract_trial_name(technique_label(d), d["batch_size"], kind, seq_len=seq_len)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.experiment import GRID_FILE
-from contract.io import is_uri, read_text
+from contract.io import first_line, is_uri, read_text
 from trainable.dataset_check import check_fits, open_checked
 from trainable.errors import ConfigError
 
@@ -195,7 +195,7 @@ def _experiment_exists(path: str) -> bool:
         fs, inner = pyarrow.fs.FileSystem.from_uri(path)
         return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
     except (OSError, ValueError) as exc:
-        raise SweepError(f"--storage-path {path}: cannot reach it ({str(exc).splitlines()[0][:160]})") from None
+        raise SweepError(f"--storage-path {path}: cannot reach it ({first_line(exc, limit=160)})") from None
 
 
 def latest_experiment(storage: str) -> str | None:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from contract.io import atomic_write
+from contract.io import atomic_write, first_line
 
 from .config import TrialConfig
 from .errors import ConfigError
@@ -155,7 +155,7 @@ def read_checkpoint(directory: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
         raise CheckpointError(f"checkpoint {path} holds more than tensors and plain data; refusing to load it "
-                              f"({str(exc).strip().splitlines()[0][:120]})") from None
+                              f"({first_line(exc, limit=120)})") from None
 
 
 # Config keys that may differ between a checkpoint and the run resuming it (they do not change the math).

@@ -19,6 +19,8 @@ import sys
 import warnings
 from typing import Any
 
+from contract.experiment import trial_name
+
 # Ray metric name -> (report key, description)
 GAUGES: dict[str, tuple[str, str]] = {
     "memeff_step_peak_mib": ("mem_step_peak_mib", "peak GPU memory allocated during the training step (MiB)"),
@@ -45,7 +47,7 @@ def _trial_name(label: str, batch_size: int) -> str:
             name = tune.get_context().get_trial_name()
     except Exception:  # noqa: BLE001 - outside a Tune session there is no trial name
         name = None
-    return name or f"{label}_bs{batch_size}"
+    return name or trial_name(label, batch_size)
 
 
 class RayMetricsExporter:

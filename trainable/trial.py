@@ -35,6 +35,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from contract.io import first_line
+
 from .breakdown_probe import BreakdownProbe
 from .checkpoint_io import CheckpointIO, TuneCheckpointIO, check_resumable
 from .compile_policy import CompileWatch, build_forward_loss, release_compiled
@@ -105,7 +107,7 @@ class _Trial:
             except Exception as exc:  # noqa: BLE001 - re-raised unless it is an OOM
                 if not is_oom_error(exc):
                     raise
-                failure = _OOM(self.phase, self.current_step, str(exc).strip().splitlines()[0][:300])
+                failure = _OOM(self.phase, self.current_step, first_line(exc))
                 memory_now = self._memory_now()
         # Outside the except block the traceback (and the tensors its frames hold) is gone.
         self._flush_pending()
