@@ -95,22 +95,54 @@ class ProgressPrinter:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """--metrics-out and --checkpoint-dir are usable, checked before any training (not after the whole run)."""
+    """--metrics-out and --checkpoint-dir are usable, checked before any training (not after the whole run).
+
+    Each is tried for real (a file created and removed where the run will write): permission bits say
+    nothing to root, nor about /proc or a name too long for the file system."""
+    for flag, check in (("--metrics-out", _check_metrics_out), ("--checkpoint-dir", _check_checkpoint_dir)):
+        try:
+            check(args)
+        except OSError as exc:  # e.g. a name too long even to stat
+            raise ConfigError(f"{flag}: cannot use it ({exc.strerror or exc})") from None
+
+
+def _check_metrics_out(args: argparse.Namespace) -> None:
     if args.metrics_out:
         out = Path(args.metrics_out)
         if out.is_dir():
             raise ConfigError(f"--metrics-out {out} is a directory: give a file name")
         if not out.parent.is_dir():
             raise ConfigError(f"--metrics-out: directory {out.parent} does not exist")
-        if not os.access(out.parent, os.W_OK):
-            raise ConfigError(f"--metrics-out: directory {out.parent} is not writable")
+        _try_write(out.with_name(out.name + ".partial"), f"--metrics-out {out}")
+
+
+def _check_checkpoint_dir(args: argparse.Namespace) -> None:
     if args.checkpoint_dir:
         path = Path(args.checkpoint_dir)
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--checkpoint-dir {path} exists and is not a directory")
-        parent = path if path.is_dir() else path.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise ConfigError(f"--checkpoint-dir {path}: cannot write there")
+        made = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            _try_write(path / ".memeff-write-check", f"--checkpoint-dir {path}")
+        except OSError as exc:
+            raise ConfigError(f"--checkpoint-dir {path}: cannot write there ({exc.strerror or exc})") from None
+        except ConfigError:
+            if made:
+                path.rmdir()
+            raise
+
+
+def _try_write(file: Path, flag: str) -> None:
+    """Create `file` (that the run writes later) and remove it again; one ConfigError line if that fails."""
+    existed = file.exists()
+    try:
+        with open(file, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot write there ({exc.strerror or exc})") from None
+    if not existed:
+        file.unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
