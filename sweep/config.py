@@ -161,8 +161,18 @@ class SweepConfig:
             raise SweepError("--storage-path is empty: give a directory or a URI such as s3://bucket/sweeps")
         if self.name is not None:
             check_name(self.name)
-        if not is_uri(self.storage_path):
-            check_writable(self.storage_path)
+        local = local_storage(str(self.storage_path))
+        if local is not None:
+            if not local.strip():
+                raise SweepError(f"--storage-path {self.storage_path} names no directory")
+            check_writable(local)
+
+
+def local_storage(storage_path: str) -> str | None:
+    """The directory a storage path names on this machine (`file://DIR` is DIR), or None for a remote URI."""
+    if storage_path.lower().startswith("file://"):
+        return storage_path[len("file://"):]
+    return None if is_uri(storage_path) else storage_path
 
 
 def check_name(name: str) -> None:
