@@ -2,17 +2,21 @@
 #   make run    prepares the shipped Polish sample and runs the default sweep on a local Ray
 #   make test   runs the test suite (what .ci/run runs)
 # Both create .venv on first use. PYTHON picks the interpreter (>= 3.11).
+# make test-fast is the inner loop: the tests not marked slow (none of them starts Ray or a subprocess).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install
+.PHONY: run test test-fast install
 run: $(STAMP)
 	$(PY) -m sweep.run $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(ARGS)
 
 install: $(STAMP)
 

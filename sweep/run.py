@@ -23,6 +23,7 @@ its own below. Live metrics and the dashboard: docs/dashboard.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import shutil
@@ -41,6 +42,7 @@ EXIT_INTERRUPTED = 130
 # TrialConfig fields the grid or the sweep's own flags set: not offered as per-trial overrides.
 NOT_OVERRIDES = ("technique", "precision", "attention", "window", "checkpointing", "batch_size", "data_dir",
                  "device", "gpu_memory_gb", "checkpoint_interval", "checkpoint_minutes", "vocab_size")
+# --help's groups of SweepConfig flags: every field (but those marked no_cli) is in one, or build_parser raises.
 GROUPS = {
     "grid": ("preset", "techniques", "batch_sizes", "windows", "seq_lens", "tokens_per_batch", "only", "skip"),
     "data and hardware": ("data_dir", "device", "gpu_memory_gb"),
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument("--predict", action="store_true",
                                help="print every config's predicted peak memory and max batch size, run nothing")
             group.add_argument("--json", action="store_true", help="with --predict: one JSON object per config")
+    if missing := [f.name for f in dataclasses.fields(SweepConfig)
+                   if not f.metadata.get("no_cli") and f.name not in sweep_fields]:
+        raise RuntimeError(f"SweepConfig fields in no GROUPS entry (so without a flag): {', '.join(missing)}")
     trial = p.add_argument_group("every trial (override the preset)")
     trial_fields = add_config_arguments(trial, TrialConfig, exclude=NOT_OVERRIDES)
     p.set_defaults(_sweep_fields=sweep_fields, _trial_fields=trial_fields)

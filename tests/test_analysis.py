@@ -6,10 +6,9 @@ import pandas as pd
 import pytest
 
 from contract.experiment import GRID_KEY, KIND_KEY, MAX_BATCH_RECORD_KEYS
-from test_analysis_fake import (  # noqa: F401  (fixtures)
+from test_analysis_fake import (
     CASES, FLOPS_PER_TOKEN, NUM_STEPS, PEAK_FLOPS, PREDICTIONS, PROBE_ENDINGS, PROBES, RESTART_END, SEARCH_RECORDS,
-    SEQ_LEN, by_name, experiment, experiment_full, full, is_warmup, labelled, results, search_experiment,
-    step_loss, step_memory, step_speed,
+    SEQ_LEN, by_name, is_warmup, labelled, step_loss, step_memory, step_speed,
 )
 
 @pytest.mark.slow

@@ -4,20 +4,17 @@ KIND_KEY, and its reports carry exactly the keys of `contract.keys` (`keys_of`),
 them. Its trials end every way a trial can: ok, oom (final OOM report), nan (the loss went NaN), error (an
 exception: Tune ERROR), incomplete (stopped before its final report), and one is restarted from a checkpoint (its
 result.json re-reports steps). A second experiment is a max-batch search (probe trials + max_batch.json) as
-`sweep.max_batch` writes it. Each is built once per session (`built_once`) and shared by the modules that import
-these fixtures."""
+`sweep.max_batch` writes it. Each is built once per session (`built_once`); the fixtures that build and load them
+(`experiment`, `experiment_full`, `search_experiment`, `results`, `full`) are in tests/conftest.py."""
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
-from contract.experiment import GRID_KEY, KIND_KEY, MAX_BATCH_RECORD_KEYS, PREDICTIONS_FILE, trial_name
+from contract.experiment import GRID_KEY, KIND_KEY, MAX_BATCH_RECORD_KEYS, trial_name
 from contract.keys import BREAKDOWN_KEYS, MEMORY_COMPONENTS, keys_of
 from contract.techniques import DEFAULT_SWITCHES, TECHNIQUES, technique_family, technique_label
 
@@ -231,47 +228,6 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
         build(root)
         done.touch()
     return root / name
-
-
-@pytest.fixture(scope="module")
-def experiment(ray_local, tmp_path_factory) -> Path:
-    """A grid sweep: no max-batch search, no predictions file."""
-    return built_once(tmp_path_factory, "fake_sweep",
-                      lambda root: run_fake_experiment(root, "fake_sweep", CASES, stop=stop_interrupted))
-
-
-@pytest.fixture(scope="module")
-def experiment_full(experiment, tmp_path_factory) -> Path:
-    """The same sweep with a max-batch search's records and the memory model's predictions beside it."""
-    def build(root: Path) -> None:
-        shutil.copytree(experiment, root / "fake_full")
-        (root / "fake_full" / "max_batch.json").write_text(json.dumps(SEARCH_RECORDS))
-        (root / "fake_full" / PREDICTIONS_FILE).write_text(json.dumps(PREDICTIONS))
-
-    return built_once(tmp_path_factory, "fake_full", build)
-
-
-@pytest.fixture(scope="module")
-def search_experiment(ray_local, tmp_path_factory) -> Path:
-    def build(root: Path) -> None:
-        run_fake_experiment(root, "fake_search", PROBES, kind="probe")
-        (root / "fake_search" / "max_batch.json").write_text(json.dumps(SEARCH_RECORDS))
-
-    return built_once(tmp_path_factory, "fake_search", build)
-
-
-@pytest.fixture(scope="module")
-def results(experiment):
-    from analysis import load
-
-    return load(experiment)
-
-
-@pytest.fixture(scope="module")
-def full(experiment_full):
-    from analysis import load
-
-    return load(experiment_full)
 
 
 def by_name(results) -> pd.DataFrame:

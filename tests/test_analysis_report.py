@@ -11,9 +11,7 @@ import pandas as pd
 import pytest
 
 from contract.keys import BREAKDOWN_KEYS, MEMORY_COMPONENTS
-from test_analysis_fake import (  # noqa: F401  (fixtures)
-    BLOCK_PIPELINE, CASES, MEMORY_FACTOR, by_name, experiment, experiment_full, full, results, step_loss, step_memory,
-)
+from test_analysis_fake import BLOCK_PIPELINE, CASES, MEMORY_FACTOR, by_name, step_loss, step_memory
 
 @pytest.mark.slow
 def test_write_report_writes_every_file(full, tmp_path):

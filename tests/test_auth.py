@@ -62,7 +62,7 @@ def _clean_env(home: Path, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def token_cluster():
     """A single-node Ray head on loopback that requires a token; stopped by process group, never `ray stop`
-    (which would kill every Ray on the machine)."""
+    (which would kill every Ray on the machine). Its tests are `slow` (tests/conftest.py: STARTS_RAY)."""
     root = Path(tempfile.mkdtemp(prefix="rauth", dir="/tmp"))  # short: Ray's socket paths have a length limit
     token = secrets.token_hex(32)
     gcs, client, dash, agent = _free_ports(4)
@@ -180,6 +180,7 @@ def test_client_with_an_owner_only_token_file_does_not_warn(token_cluster):
     assert "warning:" not in done.stderr
 
 
+@pytest.mark.slow  # three subprocesses
 def test_generate_token_writes_an_owner_only_file_and_never_overwrites(tmp_path):
     """`python -m sweep.connect --generate-token` (docs/cluster.md, step 2): 0600 under any umask, in a 0700 dir."""
     env = _clean_env(tmp_path / "home")

@@ -219,6 +219,7 @@ def outcomes(request, inputs, tmp_path_factory) -> dict[str, Outcome]:
         return {case_id: future.result() for case_id, future in futures.items()}
 
 
+@pytest.mark.slow  # `outcomes` runs every row as a subprocess
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, outcomes):
     out = outcomes[case.id]

@@ -107,6 +107,7 @@ def _dead_pid() -> int:
     return int(proc.stdout)
 
 
+@pytest.mark.slow  # starts subprocesses (for pids that are dead)
 def test_stale_temp_dirs_of_dead_runs_are_removed_live_ones_kept(old, tokenizer):
     here = host_tag()
     dead = old.parent / f".{old.name}.tmp-{_dead_pid()}-{here}abcd"

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 
 import pytest
 import torch
 
+import helpers
 from contract.keys import REPORT_KEYS
+from helpers import run
 from trainable import TrialConfig, run_trial
 from trainable.attention import _FLEX_BLOCK_MASKS, sliding_window_causal_mask
 from trainable.measure import TIMELINE_KEYS
@@ -18,15 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STARTUP = [k for k in TIMELINE_KEYS if k != "cuda_ready_time"]  # in the order a trial passes them (no CUDA here)
 
 
-def tiny(data, **kw) -> TrialConfig:
-    base = dict(data_dir=str(data), device="cpu", n_layers=2, d_model=32, n_heads=4, ff_dim=64, seq_len=64,
-                batch_size=4, max_steps=3, warmup_steps=1, eval_interval=0, eval_batches=1, eval_batch_size=4, seed=3)
-    return TrialConfig.from_dict({**base, **kw})
-
-
-def run(cfg: TrialConfig) -> tuple[list[dict], dict]:
-    reports: list[dict] = []
-    return reports, run_trial(cfg, reports.append)
+# helpers.tiny, shorter and without eval; lr=3e-4 is TrialConfig's default
+tiny = partial(helpers.tiny, max_steps=3, warmup_steps=1, eval_interval=0, eval_batches=1, lr=3e-4, seed=3)
 
 
 def test_a_trial_says_where_its_start_went(sample_dataset):

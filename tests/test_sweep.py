@@ -1,11 +1,12 @@
 """The sweep end to end on a local Ray (tiny model, few steps) and the CLI's refusals of bad input."""
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,17 @@ def test_gpu_memory_gb_reaches_every_trial_config():
     plan = plan_sweep(SweepConfig(techniques=("bf16",), batch_sizes=(8,), device="cuda", gpu_memory_gb=12.5,
                                   data_dir=None), gpus=1)
     assert [p["gpu_memory_gb"] for p in plan.grid] == [12.5] and plan.use_gpu
+
+
+
+def test_every_sweep_config_field_has_a_flag_in_a_help_group(monkeypatch):
+    """A SweepConfig field left out of sweep.run's GROUPS would get no flag: building the parser refuses."""
+    cli = importlib.import_module("sweep.run")
+    flagged = {f.name for f in fields(SweepConfig) if not f.metadata.get("no_cli")}
+    assert set(cli.build_parser().parse_args([])._sweep_fields) == flagged
+    monkeypatch.setitem(cli.GROUPS, "grid", tuple(n for n in cli.GROUPS["grid"] if n != "skip"))
+    with pytest.raises(RuntimeError, match=r"SweepConfig fields in no GROUPS entry \(so without a flag\): skip$"):
+        cli.build_parser()
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from helpers import run
 from trainable import ATTENTION_BACKENDS, GPT, ModelConfig, TrialConfig, run_trial
 from trainable.attention import eager_attention, flex_attention_kernel, sdpa_flash_attention
 from trainable.losses import standard_cross_entropy
@@ -85,12 +86,6 @@ def trial(data, **kw) -> TrialConfig:
     base = dict(data_dir=str(data), device="cuda", n_layers=2, d_model=128, n_heads=4, ff_dim=512, seq_len=64,
                 batch_size=32, max_steps=5, warmup_steps=1, eval_interval=0, eval_batches=2, eval_batch_size=16)
     return TrialConfig.from_dict({**base, **kw})
-
-
-def run(cfg):
-    reports = []
-    final = run_trial(cfg, reports.append)
-    return reports, final
 
 
 @pytest.mark.parametrize(("technique", "kernels"), [("baseline", {"eager"}), ("bf16", {"eager"}),

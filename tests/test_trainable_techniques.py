@@ -4,13 +4,16 @@ from __future__ import annotations
 import gc
 import math
 from collections import Counter
+from functools import partial
 
 import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainable import GPT, ModelConfig, RayMetricsExporter, TrialConfig, apply_checkpointing, run_trial
+import helpers
+from helpers import losses, run
+from trainable import GPT, ModelConfig, RayMetricsExporter, apply_checkpointing
 from trainable.checkpointing import op_name
 from trainable.flops import mean_attended_keys, mfu, model_flops_per_token, non_embedding_params, peak_bf16_flops
 from trainable.losses import standard_cross_entropy
@@ -22,21 +25,7 @@ SMALL = ModelConfig(vocab_size=512, seq_len=64, n_layers=2, d_model=32, n_heads=
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(data, **kw) -> TrialConfig:
-    base = dict(data_dir=str(data), device="cpu", n_layers=2, d_model=32, n_heads=4, ff_dim=64, seq_len=64,
-                batch_size=4, max_steps=4, warmup_steps=2, eval_interval=2, eval_batches=1, eval_batch_size=4,
-                lr=3e-3, seed=0)
-    return TrialConfig.from_dict({**base, **kw})
-
-
-def run(cfg: TrialConfig) -> list[dict]:
-    reports: list[dict] = []
-    run_trial(cfg, reports.append)
-    return reports
-
-
-def losses(reports):
-    return [r["loss"] for r in reports]
+tiny = partial(helpers.tiny, max_steps=4, eval_interval=2, eval_batches=1)  # helpers.tiny, 4 steps
 
 
 # -- selective activation checkpointing -------------------------------------------------------------
@@ -98,8 +87,8 @@ def test_selective_checkpointing_saves_matmuls_and_recomputes_the_rest():
 
 
 def test_selective_checkpointing_trial_has_the_same_curve(sample_dataset):
-    plain = run(tiny(sample_dataset))
-    sac = run(tiny(sample_dataset, checkpointing="selective"))
+    plain, _ = run(tiny(sample_dataset))
+    sac, _ = run(tiny(sample_dataset, checkpointing="selective"))
     assert losses(sac) == pytest.approx(losses(plain), rel=1e-6)
     assert sac[-1]["val_loss"] == pytest.approx(plain[-1]["val_loss"], rel=1e-6)
     assert sac[-1]["label"] == "sac"
@@ -107,8 +96,8 @@ def test_selective_checkpointing_trial_has_the_same_curve(sample_dataset):
 
 # -- fused CE in a trial ----------------------------------------------------------------------------
 def test_fused_ce_trial_matches_the_standard_loss(sample_dataset):
-    plain = run(tiny(sample_dataset))
-    fused = run(tiny(sample_dataset, loss="fused_ce"))
+    plain, _ = run(tiny(sample_dataset))
+    fused, _ = run(tiny(sample_dataset, loss="fused_ce"))
     assert losses(fused) == pytest.approx(losses(plain), rel=1e-5)
     assert fused[-1]["val_loss"] == pytest.approx(plain[-1]["val_loss"], rel=1e-5)
     assert fused[-1]["label"] == "fusedce"
@@ -152,7 +141,7 @@ def test_peak_flops_unknown_is_nan_and_override_wins():
 
 
 def test_trial_reports_mfu_and_steady_throughput(sample_dataset):
-    reports = run(tiny(sample_dataset, max_steps=5, peak_flops=1e12))
+    reports, _ = run(tiny(sample_dataset, max_steps=5, peak_flops=1e12))
     flops = model_flops_per_token(SMALL)
     for r in reports:
         assert r["model_flops_per_token"] == pytest.approx(flops) and r["peak_flops"] == 1e12
@@ -163,7 +152,7 @@ def test_trial_reports_mfu_and_steady_throughput(sample_dataset):
     expected = sum(256 for _ in steady) / sum(r["step_time_s"] for r in steady)
     assert final["steady_tokens_per_s"] == pytest.approx(expected)
     assert final["steady_mfu"] == pytest.approx(expected * flops / 1e12)
-    without_peak = run(tiny(sample_dataset, max_steps=1))[-1]  # CPU, no override: unknown peak
+    _, without_peak = run(tiny(sample_dataset, max_steps=1))  # CPU, no override: unknown peak
     assert math.isnan(without_peak["mfu"]) and math.isnan(without_peak["peak_flops"])
     assert math.isnan(without_peak["steady_tokens_per_s"])  # its only step was warm-up
 
@@ -171,8 +160,8 @@ def test_trial_reports_mfu_and_steady_throughput(sample_dataset):
 # -- torch.compile (the one CPU compile in the suite: ~35 s cold, a few s with inductor's cache) ----
 @pytest.mark.slow
 def test_compile_with_selective_checkpointing_on_cpu(sample_dataset):
-    eager = run(tiny(sample_dataset, checkpointing="selective"))
-    compiled = run(tiny(sample_dataset, checkpointing="selective", compile=True))
+    eager, _ = run(tiny(sample_dataset, checkpointing="selective"))
+    compiled, _ = run(tiny(sample_dataset, checkpointing="selective", compile=True))
     assert compiled[-1]["label"] == "sac_compile"
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
     assert compiled[-1]["val_loss"] == pytest.approx(eager[-1]["val_loss"], rel=1e-4)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import helpers
 from contract.keys import keys_of
 from trainable import RayMetricsExporter, TrialConfig, TuneCheckpointIO, run_trial, tune_trainable
 
@@ -15,10 +16,8 @@ pytestmark = pytest.mark.slow  # every test here starts trials on a local Ray
 
 
 def tiny(data, **kw) -> dict:
-    base = dict(data_dir=str(data), device="cpu", n_layers=2, d_model=32, n_heads=4, ff_dim=64, seq_len=64,
-                batch_size=4, max_steps=6, warmup_steps=1, eval_interval=3, eval_batches=1, eval_batch_size=4,
-                seed=0, lr=3e-3)
-    return TrialConfig.from_dict({**base, **kw}).to_dict()
+    """helpers.tiny with one warm-up step and one eval batch, as Tune's flat config dict."""
+    return helpers.tiny(data, **{"warmup_steps": 1, "eval_batches": 1, **kw}).to_dict()
 
 
 def fit(trainable, config: dict, tmp_path, max_failures: int = 0):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from contract.keys import keys_of
-from trainable import LOSSES, ConfigError, DirectoryCheckpointIO, TrialConfig, run_trial
+from helpers import losses, run, tiny
+from trainable import LOSSES, ConfigError, DirectoryCheckpointIO, run_trial
 from trainable.losses import standard_cross_entropy
 
 STEP_KEYS = set(keys_of("step"))
@@ -17,23 +18,6 @@ MEM_KEYS = {k for k in STEP_KEYS if k.startswith("mem_")}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(data, **kw) -> TrialConfig:
-    base = dict(data_dir=str(data), device="cpu", n_layers=2, d_model=32, n_heads=4, ff_dim=64, seq_len=64,
-                batch_size=4, max_steps=6, warmup_steps=2, eval_interval=3, eval_batches=2, eval_batch_size=4,
-                lr=3e-3, seed=0)
-    return TrialConfig.from_dict({**base, **kw})
-
-
-def run(cfg: TrialConfig, **kw) -> tuple[list[dict], dict]:
-    reports: list[dict] = []
-    final = run_trial(cfg, reports.append, **kw)
-    return reports, final
-
-
-def losses(reports):
-    return [r["loss"] for r in reports]
 
 
 def test_every_step_reports_the_contract_keys(sample_dataset):
