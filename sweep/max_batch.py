@@ -107,12 +107,12 @@ class MaxBatchSearcher(Searcher):
     def _scout_spec(self) -> dict[str, Any]:
         hint = self.targets[self._index].hint
         s = self.settings
-        return {"start": s.start, "max_batch_size": s.max_batch_size, "granularity": s.granularity,
+        return {"start": s.start, "max_bound": s.max_bound, "granularity": s.granularity,
                 "probe_steps": s.probe_steps, "hint": hint["max_batch"] if hint else None}
 
     def _search_settings(self) -> dict[str, int]:
         s = self.settings
-        return dict(start=s.start, max_batch_size=s.max_batch_size, granularity=s.granularity,
+        return dict(start=s.start, max_bound=s.max_bound, granularity=s.granularity,
                     parallelism=s.parallelism)
 
     def _finish(self, res: SearchResult) -> None:
@@ -137,7 +137,7 @@ class MaxBatchSearcher(Searcher):
             "parallelism": self.settings.parallelism,
             "probe_steps": self.settings.probe_steps,
             "start": self.settings.start,
-            "max_bound": self.settings.max_batch_size,
+            "max_bound": self.settings.max_bound,
             "device": target.base.get("device"),
             "seq_len": target.base.get("seq_len"),
             "outcomes": {str(bs): o.kind.value for bs, o in sorted(res.history.items())},
@@ -180,7 +180,7 @@ class MaxBatchSearcher(Searcher):
 
     def _suggest_scout(self, trial_id: str) -> dict[str, Any]:
         spec = self._scout_spec()
-        first = min(spec["hint"] or spec["start"], spec["max_batch_size"])  # where the scout's search begins
+        first = min(spec["hint"] or spec["start"], spec["max_bound"])  # where the scout's search begins
         config = probe_config(self.targets[self._index].base, max(first, 1), spec["probe_steps"])
         self._scout_trial, self._in_flight[trial_id] = trial_id, config["batch_size"]
         return {**config, SCOUT_KEY: spec, GRID_KEY: trial_name(config, kind="probe") + "_scout", KIND_KEY: "probe"}

@@ -264,7 +264,7 @@ def find_max_batch_size(cfg: SweepConfig, plan: SweepPlan | None = None) -> tupl
         raise SweepError(f"--granularity {cfg.granularity} is larger than the largest batch size to try ({upper})")
     parallelism = cfg.max_concurrent or (cluster_gpus() if plan.use_gpu else 1) or 1
     start = min(cfg.start or (32 if plan.use_gpu else 1), upper)
-    settings = MaxBatchSettings(start=start, max_batch_size=upper, granularity=cfg.granularity,
+    settings = MaxBatchSettings(start=start, max_bound=upper, granularity=cfg.granularity,
                                 probe_steps=cfg.probe_steps, parallelism=parallelism)
     hints: dict[str, dict[str, Any]] = {}
     if plan.use_gpu and cfg.seed_search:

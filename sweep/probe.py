@@ -21,7 +21,7 @@ from .search import Outcome
 @dataclass(frozen=True)
 class MaxBatchSettings:
     start: int = 1
-    max_batch_size: int = 65536
+    max_bound: int = 65536  # the largest batch size to try (--max, at most the training rows), not the answer
     granularity: int = 1
     probe_steps: int = 3
     parallelism: int = 1
@@ -293,7 +293,7 @@ def scout(config: dict[str, Any], spec: dict[str, Any], send) -> None:
             finals[bs] = final
         return answers
 
-    result = MaxBatchSearch(start=spec["start"], max_batch_size=spec["max_batch_size"],
+    result = MaxBatchSearch(start=spec["start"], max_bound=spec["max_bound"],
                             granularity=spec["granularity"], hint=spec.get("hint")).run(probe)
     ok = result.status == "ok"
     report = finals.get(result.max_batch_size) if ok else None

@@ -7,7 +7,7 @@ lets the caller decide how probes run (Ray Tune trials, one process each).
 With `parallelism=k` every round probes up to k sizes at once: the growth phase tries the next
 k doublings, the narrowing phase splits the bracket into k+1 parts (binary search when k=1).
 Batch sizes live on the lattice of multiples of `granularity`, so the answer is the largest
-multiple of `granularity` (up to `max_batch_size`) that fits.
+multiple of `granularity` (up to the upper bound `max_bound`) that fits.
 
 A `hint` (a predicted answer, e.g. from the analytic memory model) replaces the growth from
 `start`: the first round probes around the hint (k sizes spread over hint +-`hint_margin`, the hint
@@ -105,7 +105,7 @@ class MaxBatchSearch:
         self,
         *,
         start: int = 1,
-        max_batch_size: int = 65536,
+        max_bound: int = 65536,
         granularity: int = 1,
         parallelism: int = 1,
         hint: int | None = None,
@@ -116,14 +116,14 @@ class MaxBatchSearch:
             raise ValueError("granularity must be >= 1")
         if parallelism < 1:
             raise ValueError("parallelism must be >= 1")
-        if start < 1 or max_batch_size < 1:
-            raise ValueError("start and max batch size must be >= 1")
+        if start < 1 or max_bound < 1:
+            raise ValueError("start and max bound must be >= 1")
         self.granularity = granularity
         self.parallelism = parallelism
         # Work in lattice units: size = unit * granularity.
-        self.max_unit = max_batch_size // granularity
+        self.max_unit = max_bound // granularity
         if self.max_unit < 1:
-            raise ValueError(f"max batch size {max_batch_size} is below the granularity {granularity}")
+            raise ValueError(f"max bound {max_bound} is below the granularity {granularity}")
         self.start_unit = min(max(1, -(-start // granularity)), self.max_unit)
         if hint is not None and hint < 0:
             raise ValueError("hint must be >= 0")
@@ -269,19 +269,19 @@ def search_max_batch(
     probe: Probe,
     *,
     start: int = 1,
-    max_batch_size: int = 65536,
+    max_bound: int = 65536,
     granularity: int = 1,
     parallelism: int = 1,
     hint: int | None = None,
     hint_margin: float = 0.03,
 ) -> SearchResult:
-    """Largest multiple of `granularity` <= `max_batch_size` for which `probe` says FITS.
+    """Largest multiple of `granularity` <= `max_bound` for which `probe` says FITS.
 
     `hint`: a predicted answer; it only changes where the search looks first (see the module docstring).
     """
     return MaxBatchSearch(
         start=start,
-        max_batch_size=max_batch_size,
+        max_bound=max_bound,
         granularity=granularity,
         parallelism=parallelism,
         hint=hint,
@@ -289,16 +289,16 @@ def search_max_batch(
     ).run(probe)
 
 
-def scouted_search(scout_probe: Probe, probe: Probe, *, start: int = 1, max_batch_size: int = 65536,
+def scouted_search(scout_probe: Probe, probe: Probe, *, start: int = 1, max_bound: int = 65536,
                    granularity: int = 1, parallelism: int = 1, hint: int | None = None,
                    hint_margin: float = 0.03) -> tuple[SearchResult, SearchResult]:
     """The max-batch search with a scout: `scout_probe` (cheap, in one process, possibly wrong near the edge)
     searches first, one probe at a time; its answer is then confirmed with `probe` (fresh processes, k per round).
     Returns (the scout's result, the search's). The answer is the second's, proven by `probe` alone."""
-    scout = search_max_batch(scout_probe, start=start, max_batch_size=max_batch_size, granularity=granularity,
+    scout = search_max_batch(scout_probe, start=start, max_bound=max_bound, granularity=granularity,
                              hint=hint, hint_margin=hint_margin)
     expect = scout.max_batch_size if scout.status == "ok" else None
-    fresh = MaxBatchSearch(start=start, max_batch_size=max_batch_size, granularity=granularity,
+    fresh = MaxBatchSearch(start=start, max_bound=max_bound, granularity=granularity,
                            parallelism=parallelism, hint=hint if expect is None else None, hint_margin=hint_margin,
                            expect=expect).run(probe)
     return scout, fresh

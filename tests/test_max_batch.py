@@ -122,7 +122,7 @@ def test_seeded_records_report_the_prediction_and_the_unseeded_cost(scout_off):
     from sweep.probe import MaxBatchSettings
 
     grid = build_grid(["baseline", "bf16"], [32], overrides={"data_dir": "/d", "device": "cuda"})
-    settings = MaxBatchSettings(start=32, max_batch_size=4096, parallelism=2)
+    settings = MaxBatchSettings(start=32, max_bound=4096, parallelism=2)
     written = []
     searcher = MaxBatchSearcher(max_batch_targets(grid), settings, on_record=written.append,
                                 hints={"baseline": {"max_batch": 690, "budget_mib": 143221.0}})
@@ -167,6 +167,6 @@ def test_search_hints_match_the_searchers_technique_labels(sample_dataset, tmp_p
     hints, _ = search_hints(plan, local_mib=None)
     assert set(hints) == {"bf16", "bf16_flash", "bf16_window16"}  # sac: not in the memory model, unseeded
     assert all(h["max_batch"] > 0 and h["budget_mib"] == 2048 and h["vocab_size"] == 512 for h in hints.values())
-    searcher = MaxBatchSearcher(max_batch_targets(plan.grid), MaxBatchSettings(start=1, max_batch_size=4096),
+    searcher = MaxBatchSearcher(max_batch_targets(plan.grid), MaxBatchSettings(start=1, max_bound=4096),
                                 on_record=lambda r: None, hints=hints)
     assert {t.label for t in searcher.targets if t.hint} == set(hints)

@@ -42,7 +42,7 @@ def test_each_probe_is_a_fresh_fork_and_the_server_dies_with_its_pipe(sample_dat
     bad = list(server.run({"config": {**config, "data_dir": str(sample_dataset / "nope")}, "scout": None}))
     assert bad[0] == {"process": "fork"} and "does not exist" in bad[1]["error"] and bad[-1] == {"exit": 1}
 
-    spec = {"start": 1, "max_batch_size": 3, "granularity": 1, "probe_steps": 1, "hint": None}
+    spec = {"start": 1, "max_bound": 3, "granularity": 1, "probe_steps": 1, "hint": None}
     (_, scout, done) = list(server.run({"config": config, "scout": spec}))
     assert done == {"exit": 0} and scout["report"]["scout_max_batch"] == 3
     assert [o[:2] for o in scout["report"]["scout_outcomes"]] == [[1, "fits"], [2, "fits"], [3, "fits"]]

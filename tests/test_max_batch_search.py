@@ -37,7 +37,7 @@ class FakeGPU:
 @pytest.mark.parametrize("start", [1, 8, 32])
 def test_exact_answer_for_any_limit_start_and_parallelism(limit, k, start):
     gpu = FakeGPU(limit)
-    res = search_max_batch(gpu, start=start, max_batch_size=4096, parallelism=k)
+    res = search_max_batch(gpu, start=start, max_bound=4096, parallelism=k)
     assert res.status == "ok"
     assert res.max_batch_size == limit
     assert res.peak_mem_mib == 10.0 * limit
@@ -52,7 +52,7 @@ def test_exact_answer_for_any_limit_start_and_parallelism(limit, k, start):
 
 def test_answer_at_the_very_start():
     gpu = FakeGPU(32)
-    res = search_max_batch(gpu, start=32, max_batch_size=1024)
+    res = search_max_batch(gpu, start=32, max_bound=1024)
     assert res.max_batch_size == 32
     assert gpu.rounds[0] == [32]
     assert 33 in gpu.probed and all(bs >= 32 for bs in gpu.probed)
@@ -60,7 +60,7 @@ def test_answer_at_the_very_start():
 
 def test_nothing_fits_gives_zero():
     gpu = FakeGPU(0)
-    res = search_max_batch(gpu, start=16, max_batch_size=1024, parallelism=2)
+    res = search_max_batch(gpu, start=16, max_bound=1024, parallelism=2)
     assert res.status == "ok"
     assert res.max_batch_size == 0
     assert res.peak_mem_mib is None
@@ -69,7 +69,7 @@ def test_nothing_fits_gives_zero():
 
 def test_limit_beyond_the_upper_bound_stops_at_the_bound():
     gpu = FakeGPU(10_000)
-    res = search_max_batch(gpu, start=8, max_batch_size=100)
+    res = search_max_batch(gpu, start=8, max_bound=100)
     assert res.max_batch_size == 100
     assert res.hit_upper_bound
     assert max(gpu.probed) == 100
@@ -78,18 +78,18 @@ def test_limit_beyond_the_upper_bound_stops_at_the_bound():
 @pytest.mark.parametrize("limit,granularity,expected", [(100, 8, 96), (7, 8, 0), (64, 8, 64), (129, 16, 128)])
 def test_granularity_answers_on_its_lattice(limit, granularity, expected):
     gpu = FakeGPU(limit)
-    res = search_max_batch(gpu, start=8, max_batch_size=4096, granularity=granularity)
+    res = search_max_batch(gpu, start=8, max_bound=4096, granularity=granularity)
     assert res.max_batch_size == expected
     assert all(bs % granularity == 0 for bs in gpu.probed)
     fine = FakeGPU(limit)
-    search_max_batch(fine, start=8, max_batch_size=4096, granularity=1)
+    search_max_batch(fine, start=8, max_bound=4096, granularity=1)
     assert len(gpu.probed) <= len(fine.probed)
 
 
 def test_four_parallel_probes_need_fewer_rounds_for_the_same_answer():
     one, four = FakeGPU(777), FakeGPU(777)
-    r1 = search_max_batch(one, start=1, max_batch_size=100_000, parallelism=1)
-    r4 = search_max_batch(four, start=1, max_batch_size=100_000, parallelism=4)
+    r1 = search_max_batch(one, start=1, max_bound=100_000, parallelism=1)
+    r4 = search_max_batch(four, start=1, max_bound=100_000, parallelism=4)
     assert r1.max_batch_size == r4.max_batch_size == 777
     assert r4.rounds < r1.rounds
     assert max(len(r) for r in four.rounds) == 4
@@ -97,7 +97,7 @@ def test_four_parallel_probes_need_fewer_rounds_for_the_same_answer():
 
 def test_non_oom_error_stops_that_search():
     gpu = FakeGPU(100, error_at=64)
-    res = search_max_batch(gpu, start=8, max_batch_size=4096)
+    res = search_max_batch(gpu, start=8, max_bound=4096)
     assert res.status == "error"
     assert res.max_batch_size is None
     assert "batch size 64" in res.error and "shapes do not match" in res.error
@@ -111,7 +111,7 @@ def test_non_monotonic_probe_answers_stay_below_the_smallest_failure():
         return {bs: (Outcome.oom() if bs in (40, 41) else Outcome.fits()) if bs <= 100 else Outcome.oom()
                 for bs in sizes}
 
-    res = search_max_batch(probe, start=1, max_batch_size=1024, parallelism=3)
+    res = search_max_batch(probe, start=1, max_bound=1024, parallelism=3)
     assert res.max_batch_size < 40 or res.max_batch_size == 100
     assert res.history[res.max_batch_size + 1].kind is OutcomeKind.OOM
 
@@ -120,7 +120,7 @@ def test_bad_search_settings_are_rejected():
     with pytest.raises(ValueError):
         search_max_batch(FakeGPU(1), granularity=0)
     with pytest.raises(ValueError):
-        search_max_batch(FakeGPU(1), start=8, max_batch_size=4, granularity=8)
+        search_max_batch(FakeGPU(1), start=8, max_bound=4, granularity=8)
 
 
 # -- seeded by a predicted answer (the memory model's hint) ----------------------------------------
@@ -136,11 +136,11 @@ def _hints(limit: int) -> list[int]:
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("granularity", [1, 8])
 def test_seeded_search_finds_the_unseeded_answer_wherever_the_hint_is(limit, k, granularity):
-    unseeded = search_max_batch(FakeGPU(limit), start=32, max_batch_size=4096, granularity=granularity,
+    unseeded = search_max_batch(FakeGPU(limit), start=32, max_bound=4096, granularity=granularity,
                                 parallelism=k)
     for hint in _hints(limit):
         gpu = FakeGPU(limit)
-        res = search_max_batch(gpu, start=32, max_batch_size=4096, granularity=granularity, parallelism=k, hint=hint)
+        res = search_max_batch(gpu, start=32, max_bound=4096, granularity=granularity, parallelism=k, hint=hint)
         assert res.status == "ok"
         assert res.max_batch_size == unseeded.max_batch_size, hint
         assert res.hit_upper_bound == unseeded.hit_upper_bound
@@ -154,7 +154,7 @@ def test_seeded_search_finds_the_unseeded_answer_wherever_the_hint_is(limit, k, 
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_first_round_probes_the_bracket_around_the_hint(k):
     gpu = FakeGPU(703)
-    search_max_batch(gpu, start=32, max_batch_size=100_000, parallelism=k, hint=700)
+    search_max_batch(gpu, start=32, max_bound=100_000, parallelism=k, hint=700)
     assert gpu.rounds[0] == ([700] if k == 1 else sorted({679, 721, *gpu.rounds[0]}))
     assert all(679 <= bs <= 721 for bs in gpu.rounds[0]) and len(gpu.rounds[0]) == k
 
@@ -164,8 +164,8 @@ def test_first_round_probes_the_bracket_around_the_hint(k):
 @pytest.mark.parametrize("error", [-0.02, 0.0, 0.02])
 def test_a_good_hint_needs_fewer_probes_and_rounds(limit, k, error):
     """The memory model is within ~2% on an H200: such a hint must beat growing from --start."""
-    unseeded = search_max_batch(FakeGPU(limit), start=32, max_batch_size=100_000, parallelism=k)
-    seeded = search_max_batch(FakeGPU(limit), start=32, max_batch_size=100_000, parallelism=k,
+    unseeded = search_max_batch(FakeGPU(limit), start=32, max_bound=100_000, parallelism=k)
+    seeded = search_max_batch(FakeGPU(limit), start=32, max_bound=100_000, parallelism=k,
                               hint=round(limit * (1 + error)))
     assert seeded.max_batch_size == unseeded.max_batch_size == limit
     assert seeded.probes < unseeded.probes
@@ -174,13 +174,13 @@ def test_a_good_hint_needs_fewer_probes_and_rounds(limit, k, error):
 
 def test_a_hint_far_off_costs_a_few_rounds_not_a_wrong_answer():
     for hint in (100, 5000):
-        res = search_max_batch(FakeGPU(703), start=32, max_batch_size=100_000, hint=hint)
+        res = search_max_batch(FakeGPU(703), start=32, max_bound=100_000, hint=hint)
         assert res.max_batch_size == 703 and res.rounds <= 20
 
 
 def test_seeded_search_stops_on_an_error():
     gpu = FakeGPU(1000, error_at=990)
-    res = search_max_batch(gpu, start=32, max_batch_size=4096, hint=1000)
+    res = search_max_batch(gpu, start=32, max_bound=4096, hint=1000)
     assert res.status == "error" and "batch size 1000" in res.error
     assert gpu.probed == [1000]
 
@@ -190,8 +190,8 @@ def test_replay_costs_what_the_real_search_cost():
     from sweep.search import replay_search
 
     for limit, k, g in [(703, 1, 1), (703, 4, 1), (100, 2, 8), (0, 1, 1), (5000, 3, 1)]:
-        real = search_max_batch(FakeGPU(limit), start=32, max_batch_size=4096, parallelism=k, granularity=g)
-        replayed = replay_search(real.max_batch_size, start=32, max_batch_size=4096, parallelism=k, granularity=g)
+        real = search_max_batch(FakeGPU(limit), start=32, max_bound=4096, parallelism=k, granularity=g)
+        replayed = replay_search(real.max_batch_size, start=32, max_bound=4096, parallelism=k, granularity=g)
         assert (replayed.max_batch_size, replayed.probes, replayed.rounds) == (real.max_batch_size, real.probes,
                                                                                real.rounds)
 
@@ -210,7 +210,7 @@ def test_bad_hints_are_rejected():
 def test_an_expected_answer_is_confirmed_or_corrected_by_fresh_probes(limit, k, off):
     gpu = FakeGPU(limit)
     expect = max(0, limit + off)
-    res = MaxBatchSearch(start=32, max_batch_size=4096, parallelism=k, expect=expect).run(gpu)
+    res = MaxBatchSearch(start=32, max_bound=4096, parallelism=k, expect=expect).run(gpu)
     assert res.max_batch_size == limit and res.status == "ok" and not res.hit_upper_bound
     assert res.history[limit + 1].kind is OutcomeKind.OOM
     assert limit == 0 or res.history[limit].kind is OutcomeKind.FITS
@@ -223,9 +223,9 @@ def test_an_expected_answer_is_confirmed_or_corrected_by_fresh_probes(limit, k, 
 
 @pytest.mark.parametrize("granularity", [1, 8])
 def test_an_expected_answer_respects_the_lattice_and_the_bound(granularity):
-    res = MaxBatchSearch(max_batch_size=100, granularity=granularity, parallelism=2, expect=500).run(FakeGPU(10_000))
+    res = MaxBatchSearch(max_bound=100, granularity=granularity, parallelism=2, expect=500).run(FakeGPU(10_000))
     assert res.max_batch_size == 100 // granularity * granularity and res.hit_upper_bound
-    res = MaxBatchSearch(max_batch_size=4096, granularity=granularity, parallelism=1, expect=99).run(FakeGPU(100))
+    res = MaxBatchSearch(max_bound=4096, granularity=granularity, parallelism=1, expect=99).run(FakeGPU(100))
     assert res.max_batch_size == 100 // granularity * granularity
 
 
@@ -254,7 +254,7 @@ def test_a_scout_that_disagrees_with_itself_never_changes_the_answer(seed, k):
     always the fresh probes' exact limit, and an exact scout needs 3 probes (scout included) in all."""
     limit = 1240
     scout_probe = FlakyNearTheEdge(limit, width=4, seed=seed)
-    scout, res = scouted_search(scout_probe, FakeGPU(limit), start=32, max_batch_size=100_000, parallelism=k,
+    scout, res = scouted_search(scout_probe, FakeGPU(limit), start=32, max_bound=100_000, parallelism=k,
                                 hint=round(limit * 0.98))
     assert scout.status == "ok" and abs(scout.max_batch_size - limit) <= 5
     assert res.max_batch_size == limit
@@ -269,7 +269,7 @@ def test_fresh_probes_that_disagree_near_the_edge_still_give_a_proven_answer(see
     """If even fresh probes were not repeatable near the edge, the answer is still one the probes proved:
     it fitted, the next size up failed, and no smaller size was seen to fail."""
     probe = FlakyNearTheEdge(700, width=3, seed=seed)
-    res = MaxBatchSearch(max_batch_size=4096, parallelism=2, expect=690).run(probe)
+    res = MaxBatchSearch(max_bound=4096, parallelism=2, expect=690).run(probe)
     n = res.max_batch_size
     assert res.history[n].kind is OutcomeKind.FITS and res.history[n + 1].kind is OutcomeKind.OOM
     assert all(o.kind is OutcomeKind.FITS for bs, o in res.history.items() if bs <= n) and 700 - 4 <= n <= 700 + 3
