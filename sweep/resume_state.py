@@ -7,7 +7,8 @@ reports reach its `result.json` at once. A driver killed between the two leaves 
   `use_valid_state` sets it aside when an older valid one exists, and refuses when none is valid;
 * a trial whose final report is in its result.json, while the state still says RUNNING, would run again
   from its latest checkpoint and append a second copy of its finished steps: `mark_finished` records it
-  as TERMINATED, with that final report as its last result, so Tune skips it as it skips any finished trial.
+  as TERMINATED, with that final report as its last result, so Tune skips it as it skips any finished trial,
+  and takes it out of the grid generator's set of running trials (or the generator would wait for it).
 
 Both act on local (and network-mounted) storage paths. On a storage URI Tune uploads the state and the
 result files together from the driver's staging directory, so they cannot disagree in this way.
@@ -25,6 +26,7 @@ from contract.io import atomic_write, is_uri
 from .errors import SweepError
 
 STATE_GLOB = "experiment_state-*.json"
+SEARCHER_GLOB = "basic-variant-state-*.json"  # the grid generator's state (Tune picks the newest by name)
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune's statuses of a trial it would run again
 
 
@@ -106,4 +108,23 @@ def mark_finished(path: str) -> list[str]:
         marked.append(str(logdir))
     if marked:
         atomic_write(state_path, lambda tmp: tmp.write_text(json.dumps(state)))
+        _forget_live(path, {str(json.loads(entry[0])["trial_id"]) for entry in state["trial_data"]
+                            if json.loads(entry[0]).get("relative_logdir") in marked})
     return marked
+
+
+def _forget_live(path: str, trial_ids: set[str]) -> None:
+    """Take the marked trials out of the grid generator's running set, as Tune's completion of each would have.
+
+    Tune's BasicVariantGenerator (max_concurrent) saves the ids of the trials it still counts as running;
+    restored with a trial it never hears finish, it would wait for a free slot forever and the sweep hang."""
+    import ray.cloudpickle as cloudpickle
+
+    saved = sorted(Path(path).glob(SEARCHER_GLOB))
+    if not saved:
+        return
+    searcher = cloudpickle.loads(saved[-1].read_bytes())  # Tune's own file, read as Tune reads it
+    live = searcher.get("_live_trials") if isinstance(searcher, dict) else None
+    if isinstance(live, set) and live & trial_ids:
+        searcher["_live_trials"] = live - trial_ids
+        atomic_write(saved[-1], lambda tmp: tmp.write_bytes(cloudpickle.dumps(searcher)))

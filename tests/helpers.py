@@ -23,3 +23,24 @@ def run(cfg: TrialConfig, **kw) -> tuple[list[dict], dict]:
 
 def losses(reports: list[dict]) -> list[float]:
     return [r["loss"] for r in reports]
+
+
+def uninterrupted_losses(trial_dir) -> list[float]:
+    """The losses of a Tune trial's own config (its params.json: grid overrides included, the sweep's keys
+    dropped) run in this process with one thread, as in a 1-CPU Ray worker, and without a kill."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from contract.experiment import SWEEP_KEYS
+
+    params = json.loads((Path(trial_dir) / "params.json").read_text())
+    cfg = TrialConfig.from_dict({k: v for k, v in params.items() if k not in SWEEP_KEYS})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reports, _ = run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return losses(reports)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import uninterrupted_losses
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, INTERVAL = 80, 10
 TINY = {"n_layers": 2, "d_model": 64, "n_heads": 4, "ff_dim": 256, "seq_len": 64}
@@ -95,25 +97,6 @@ def _final_run(reports: list[dict]) -> tuple[list[dict], list[int]]:
     return final, resumed_from
 
 
-def _uninterrupted_losses(trial_dir: Path) -> list[float]:
-    """The losses of the trial's own config (Tune's params.json: grid overrides included) run without a kill."""
-    import torch
-
-    from contract.experiment import SWEEP_KEYS
-    from trainable import TrialConfig, run_trial
-
-    params = json.loads((trial_dir / "params.json").read_text())
-    cfg = TrialConfig.from_dict({k: v for k, v in params.items() if k not in SWEEP_KEYS})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a 1-CPU Ray worker
-    try:
-        reports: list[dict] = []
-        run_trial(cfg, reports.append)
-    finally:
-        torch.set_num_threads(threads)
-    return [r["loss"] for r in reports]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("device", "technique", "model", "rel"), DEVICES)
 def test_killed_trial_worker_resumes_from_its_checkpoint(sample_dataset, tmp_path, device, technique, model, rel):
@@ -156,7 +139,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(sample_dataset, tmp_pat
     assert steps["loss"].tolist() == [r["loss"] for r in final_run]
 
     # Same numbers as a run nobody interrupted: model, optimizer, scheduler, data position and RNG all restored.
-    reference = _uninterrupted_losses(trial_dir)
+    reference = uninterrupted_losses(trial_dir)
     worst = max(abs(a - b) / abs(b) for a, b in zip([r["loss"] for r in final_run], reference))
     print(f"\n{device}: last kill after step {killed_at}, restarts resumed from steps {resumed_from}; "
           f"max relative loss difference to the uninterrupted run {worst:.2e}")

@@ -4,8 +4,6 @@ SIGKILLed mid-sweep, then `--resume` on a restarted cluster re-runs no finished 
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import uninterrupted_losses
 from multinode_cluster import (  # noqa: F401  (cluster: the fixture)
     REPO, Node, cluster, kill_session, parent_pid, reports, run, sweep_args, trial_states,
 )
@@ -27,25 +26,6 @@ FT_MODEL = ["--n-layers", "2", "--d-model", "128", "--n-heads", "4", "--ff-dim",
 
 
 # -- a worker node dies mid-trial ---------------------------------------------------------------------------------
-def _uninterrupted_losses(trial_dir: Path) -> list[float]:
-    """The losses of the trial's own config (Tune's params.json) run in this process, without a kill."""
-    import torch
-
-    from trainable import TrialConfig, run_trial
-
-    fields = {f.name for f in dataclasses.fields(TrialConfig)}
-    params = json.loads((trial_dir / "params.json").read_text())
-    cfg = TrialConfig.from_dict({k: v for k, v in params.items() if k in fields})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a 1-CPU Ray worker
-    try:
-        out: list[dict] = []
-        run_trial(cfg, out.append)
-    finally:
-        torch.set_num_threads(threads)
-    return [r["loss"] for r in out]
-
-
 def _victim(raylets: dict[int, Node], exp: Path, names: list[str]) -> tuple[str, Node, int, int] | None:
     """A trial on a worker node that has checkpointed and run a few steps past its last checkpoint (so some steps
     are replayed after the restart): (trial, node, pid, step). `raylets`: raylet pid -> worker node."""
@@ -118,7 +98,7 @@ def test_a_killed_worker_node_costs_only_the_steps_since_the_checkpoint(cluster,
         assert [r["step"] for r in steps] == list(range(1, FT_STEPS + 1)) and steps[-1]["status"] == "ok", other
 
     # Same numbers as a run nobody interrupted (model, optimizer, scheduler, data position, RNG restored).
-    reference = _uninterrupted_losses(exp / trial)
+    reference = uninterrupted_losses(exp / trial)
     losses = [r["loss"] for r in final_run]
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
     print(f"\nnode {node.name} (raylet SIGKILL) died under {trial} at step {first[-1]['step']} (seen at {killed_at});"

@@ -115,7 +115,9 @@ def _make_state_lag(exp: Path) -> None:
 def _unfinish(exp: Path, name: str) -> None:
     """Rewrite the saved state as a driver SIGKILLed a moment too early leaves it: the trial's final report is
     in its result.json, but the state still says RUNNING with an earlier last result (Tune saves its state
-    every few seconds, a report reaches result.json at once)."""
+    every few seconds, a report reaches result.json at once), and the grid generator still counts it running."""
+    import ray.cloudpickle
+
     path = sorted(exp.glob("experiment_state-*.json"))[-1]
     state = json.loads(path.read_text())
     rows = (exp / name / "result.json").read_text().splitlines()
@@ -124,22 +126,51 @@ def _unfinish(exp: Path, name: str) -> None:
         if trial["relative_logdir"] == name:
             trial["status"], runtime["last_result"] = "RUNNING", json.loads(rows[-2])
             entry[0], entry[1] = json.dumps(trial), json.dumps(runtime)
+            trial_id = trial["trial_id"]
     path.write_text(json.dumps(state))
+    # Tune's grid generator saved it among its running trials too (max_concurrent counts them)
+    searcher_path = sorted(exp.glob("basic-variant-state-*.json"))[-1]
+    searcher = ray.cloudpickle.loads(searcher_path.read_bytes())
+    searcher["_live_trials"].add(trial_id)
+    searcher_path.write_bytes(ray.cloudpickle.dumps(searcher))
 
 
-RESUME_STEPS = 600  # long enough that the kill lands mid-sweep with reused worker processes
+def _saved_checkpoint(exp: Path, name: str) -> tuple[int, bool]:
+    """(index, still on disk) of the latest checkpoint the saved state lists for trial `name`; (-1, False) when
+    it lists none. The state, not the disk, is what `--resume` restores from, and it lags the disk."""
+    import ray.cloudpickle
+
+    for trial, runtime in _trial_states(exp):
+        manager = runtime.get("checkpoint_manager")
+        if trial["relative_logdir"] == name and isinstance(manager, dict):
+            results = ray.cloudpickle.loads(bytes.fromhex(manager["value"]))._checkpoint_results
+            if results:
+                path = Path(results[-1].checkpoint.path)
+                return int(path.name.split("_")[-1]), path.is_dir()
+    return -1, False
+
+
+def _resumable(exp: Path, name: str) -> bool:
+    """The saved state names the trial's second checkpoint or a later one, and it is still on disk."""
+    index, on_disk = _saved_checkpoint(exp, name)
+    return index >= 1 and on_disk
+
+
+# Long enough that the kill lands mid-trial; checkpoints far enough apart (~1 s) that the one the saved state
+# names (saved every second here) is still on disk when the kill lands, as with the default (minutes apart).
+RESUME_STEPS, SPACED = 600, ("--checkpoint-interval", "100")
 
 
 def test_resume_right_after_the_driver_is_sigkilled(sample_dataset, tmp_path):
     exp, log = tmp_path / "killed", tmp_path / "first.log"
     with open(log, "w") as out:
-        driver = subprocess.Popen(_sweep("--name", "killed", "--verbose", "0", storage=tmp_path, data=sample_dataset,
-                                         steps=RESUME_STEPS), cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        driver = subprocess.Popen(_sweep("--name", "killed", "--verbose", "0", *SPACED, storage=tmp_path,
+                                         data=sample_dataset, steps=RESUME_STEPS), cwd=ROOT, env=_env(), stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for(lambda: "TERMINATED" in _statuses(exp).values() and _finished_trials(exp)
                   and "RUNNING" in _statuses(exp).values()
-                  and len(list((exp / "baseline_bs4").glob("checkpoint_*"))) >= 2, driver, log)
+                  and _resumable(exp, "baseline_bs4"), driver, log)
         driver.kill()  # the driver alone, as `kill -9` or the OOM killer would: its Ray agents linger a while
         driver.wait()
         statuses = _statuses(exp)
@@ -149,7 +180,7 @@ def test_resume_right_after_the_driver_is_sigkilled(sample_dataset, tmp_path):
         first = log.read_text()  # --verbose 0: no dashboard, no trial lines
         assert "Ray dashboard" not in first and not re.search(r"^\[ *\d+s\]", first, re.M), first
 
-        resumed = subprocess.run(_sweep("--name", "killed", "--resume", storage=tmp_path, data=sample_dataset,
+        resumed = subprocess.run(_sweep("--name", "killed", "--resume", *SPACED, storage=tmp_path, data=sample_dataset,
                                         steps=RESUME_STEPS), cwd=ROOT, env=_env(), capture_output=True, text=True,
                                  timeout=300, start_new_session=True)
     finally:
