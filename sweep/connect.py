@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .auth import (TOKEN_HELP, auth_mode_name, enable_token_mode_if_token_available,
                    private_token_for_local_start, token_available, warn_if_token_file_exposed)
+from .config import local_storage
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def check_storage(storage_path: str, info: ClusterInfo, *, shared: bool = False)
         if scheme.lower() != "file":
             known = ", ".join(f"{s}://" for s in REMOTE_STORAGE_SCHEMES)
             raise StorageError(f"--storage-path {storage_path}: unsupported scheme {scheme}:// (use {known} or a path)")
-        storage_path = storage_path[len("file://") :]
+        storage_path = local_storage(storage_path) or ""
     local = str(Path(storage_path).expanduser().resolve())
     if info.multi_node and not (shared or shared_storage_declared()):
         why = f"has {info.num_nodes} nodes" if info.num_nodes > 1 else "can add nodes (autoscaling)"

@@ -28,6 +28,7 @@ from .errors import SweepError
 STATE_GLOB = "experiment_state-*.json"
 SEARCHER_GLOB = "basic-variant-state-*.json"  # the grid generator's state (Tune picks the newest by name)
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune's statuses of a trial it would run again
+_TAIL_BYTES = 1 << 20  # a final report is one JSON line, far shorter
 
 
 def valid_state(path: str) -> tuple[Path, dict[str, Any]]:
@@ -67,7 +68,8 @@ def use_valid_state(path: str) -> None:
 def final_report(trial_dir: Path) -> dict[str, Any] | None:
     """The trial's final report, when the last line of its result.json is one."""
     try:
-        with open(trial_dir / "result.json", "rb") as f:
+        with open(trial_dir / "result.json", "rb") as f:  # its last line only: a long trial's file is large
+            f.seek(max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES))
             lines = f.read().splitlines()
         row = json.loads(lines[-1]) if lines else None
     except (OSError, ValueError):
@@ -94,7 +96,7 @@ def mark_finished(path: str) -> list[str]:
     if is_uri(path):
         return []
     state_path, state = valid_state(path)
-    marked = []
+    marked, marked_ids = [], set()
     for entry in state["trial_data"]:
         trial, runtime = json.loads(entry[0]), json.loads(entry[1])
         logdir = trial.get("relative_logdir")
@@ -106,10 +108,10 @@ def mark_finished(path: str) -> list[str]:
         runtime["last_result_time"] = report.get("timestamp", runtime.get("last_result_time"))
         entry[0], entry[1] = json.dumps(trial, indent=2), json.dumps(runtime, indent=2)
         marked.append(str(logdir))
+        marked_ids.add(str(trial.get("trial_id")))
     if marked:
         atomic_write(state_path, lambda tmp: tmp.write_text(json.dumps(state)))
-        _forget_live(path, {str(json.loads(entry[0])["trial_id"]) for entry in state["trial_data"]
-                            if json.loads(entry[0]).get("relative_logdir") in marked})
+        _forget_live(path, marked_ids)
     return marked
 
 
