@@ -30,17 +30,45 @@ sys.path.insert(0, str(ROOT))
 OWN_FLAGS = ("--name", "--storage-path", "--verbose", "--find-max-batch")
 
 
-def run_search(sweep_args: list[str], storage: Path) -> tuple[str, float]:
+def run_search(sweep_args: list[str], storage: Path) -> tuple[str, dict[str, float]]:
+    """Run the search; (experiment path, unix times of the command's start, its driver's search line, its end)."""
     name = f"max-batch-{time.strftime('%Y%m%d-%H%M%S')}"
     cmd = [sys.executable, "-m", "sweep.run", "--find-max-batch", *sweep_args, "--name", name, "--storage-path",
            str(storage), "--verbose", "0"]
     print(" ".join(cmd[1:]), file=sys.stderr, flush=True)
-    started = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wall = time.time() - started
+    times = {"command_start": time.time()}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in proc.stdout:  # timed as it comes: the driver says when it hands the search to Tune
+        output.append(line)
+        if line.startswith("max-batch search over"):
+            times.setdefault("search_line", time.time())
+    proc.wait()
+    times["command_end"] = time.time()
     if proc.returncode != 0:
-        raise SystemExit(f"bench_max_batch: error: the search failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
-    return str(storage / name), wall
+        raise SystemExit(f"bench_max_batch: error: the search failed (exit {proc.returncode}):\n{''.join(output)[-3000:]}")
+    return str(storage / name), times
+
+
+def command_timeline(path: str, times: dict[str, float]) -> str:
+    """Where the command's wall time went, milestone to milestone (the first probe's worker, server and fork)."""
+    import analysis
+
+    probes = analysis.load(path).probes.sort_values("process_start_time").to_dict("records")
+    first, last = probes[0], max(probes, key=lambda p: p["trial_end_time"])
+    steps = [("command start", times["command_start"]),
+             ("driver hands the search to Tune (checks, Ray start, memory-model seed)", times.get("search_line", math.nan)),
+             ("first Tune worker started", first.get("worker_start_time", math.nan)),
+             ("its fork server started", first.get("server_start_time", math.nan)),
+             ("the server's imports done", first.get("imports_done_time", math.nan)),
+             ("the scout forked", first["process_start_time"]),
+             ("the last probe ended", last["trial_end_time"]),
+             ("command end", times["command_end"])]
+    rows = ["| milestone | since start (s) | since previous (s) |", "|---|---:|---:|"]
+    for i, (what, t) in enumerate(steps):
+        before = steps[i - 1][1] if i else t
+        rows.append(f"| {what} | {_num(t - times['command_start'], '.2f')} | {_num(t - before, '.2f')} |")
+    return "\n".join(rows)
 
 
 def _num(value, spec: str = ".1f") -> str:
@@ -63,7 +91,7 @@ def probe_rows(path: str) -> tuple[list[str], dict[str, dict]]:
         outcome = (f"scout: {final.get('scout_max_batch')} ({len(final.get('scout_outcomes') or [])} in-process)"
                    if scout else str(p["status"]))
         start, end = p["process_start_time"], p["trial_end_time"]
-        rows.append(f"| {name} | {int(p['batch_size'])} | {outcome} | {final.get('probe_process') or '-'} | "
+        rows.append(f"| {name} | {int(p['batch_size'])} | {outcome} | {final.get('trial_process') or '-'} | "
                     f"{_num(p['first_step_start_time'] - start, '.2f')}"
                     f" | {_num(end - start, '.2f')} | {_num(start - last_end, '.2f')} |")
         last_end = end if math.isfinite(end) else last_end
@@ -85,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if clash := [a for a in sweep_args if a.split("=")[0] in OWN_FLAGS]:
         p.error(f"{clash[0]} is set by this script; leave it out of the search's arguments")
     storage = Path(args.storage).resolve()
-    path, wall = run_search(sweep_args, storage)
+    path, times = run_search(sweep_args, storage)
+    wall = times["command_end"] - times["command_start"]
     records = json.loads((Path(path) / "max_batch.json").read_text())
     rows, scouts = probe_rows(path)
     summary = ["| technique | max batch | exact? | scout said | fresh outcomes | probes / rounds | search (s) | "
@@ -102,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = [float(row.split(" | ")[5]) for row in rows if row.split(" | ")[5] != "-"]
     median = _num(statistics.median(trained) if trained else None, ".2f")
     text = ("\n".join(per_probe) + f"\n\nmedian probe, start to end: {median} s"
+            f"\n\nwhere the command's time went:\n\n{command_timeline(path, times)}"
             f"\n\nsearch: python -m sweep.run --find-max-batch {' '.join(sweep_args)}  ->  {path}\n\n"
             + "\n".join(summary) + "\n")
     if args.out:

@@ -33,15 +33,33 @@ sys.path.insert(0, str(ROOT))
 
 OWN_FLAGS = ("--name", "--storage-path", "--reuse-actors", "--no-reuse-actors", "--verbose")
 PHASES = (  # (column, from, to): seconds between two milestones of one trial
-    ("spawn+import", "process_start_time", "imports_done_time"),
-    ("to trial", "imports_done_time", "trial_start_time"),
+    ("worker+imports", "worker_start_time", "imports_done_time"),  # a forked trial's: its worker's and server's
+    ("to trial", "imports_done_time", "trial_start_time"),  # a forked trial: from the fork (process_start_time)
     ("data", "trial_start_time", "data_ready_time"),
     ("cuda", "data_ready_time", "cuda_ready_time"),
     ("model", "cuda_ready_time", "model_ready_time"),
     ("1st step", "first_step_start_time", "first_step_end_time"),
     ("training", "first_step_start_time", "trial_end_time"),
 )
-FRESH_ONLY = ("process_start_time", "imports_done_time")  # a reused process started and imported long before
+FRESH_ONLY = ("worker_start_time",)  # a reused process, a later fork of a warm server: started long before
+EXTRA_KEYS = ("process_start_time", "server_start_time", "trial_process")
+
+
+def phase_start(trial: dict, key: str) -> float:
+    """A phase's start; a forked trial enters `run_trial` from its fork, not from its server's imports."""
+    if key == "imports_done_time" and trial.get("trial_process") in ("fork", "spawn"):
+        key = "process_start_time"
+    return float(trial[key])
+
+
+def first_of_its_process(trials: list[dict]) -> None:
+    """trial["fresh"]: the first trial its worker process (and, forked, its server) ran: it paid their start."""
+    seen = set()
+    for t in sorted(trials, key=lambda t: t["trial_start_time"]):
+        forked = t.get("trial_process") in ("fork", "spawn")
+        own = ("server", t["server_start_time"]) if forked else ("process", t["process_id"])
+        t["fresh"] = int(t["process_trials_before"] or 0) == 0 and own not in seen
+        seen.add(own)
 
 
 def run_sweep(mode: str, sweep_args: list[str], storage: Path) -> tuple[str, float, float]:
@@ -84,7 +102,7 @@ def load_trials(path: str) -> list[dict]:
     import analysis
 
     frame = analysis.load(path).training().trials
-    keep = ["name", "status", "train_time_s", "process_trials_before", "process_id", "gpu_uuid",
+    keep = ["name", "status", "train_time_s", "process_trials_before", "process_id", "gpu_uuid", *EXTRA_KEYS,
             *{k for _, a, b in PHASES for k in (a, b)}]
     return [{k: row.get(k) for k in keep} for row in frame.to_dict("records")]
 
@@ -94,14 +112,14 @@ def _num(value: float, spec: str = ".2f") -> str:
 
 
 def trial_table(trials: list[dict], started: float) -> str:
-    rows = ["| trial | slot | reused | start (s) | " + " | ".join(c for c, _, _ in PHASES) + " | gap before |",
+    rows = ["| trial | slot | process, reused | start (s) | " + " | ".join(c for c, _, _ in PHASES) + " | gap before |",
             "|---|---|---:|---:|" + "---:|" * (len(PHASES) + 1)]
     slots = {s: i for i, s in enumerate(dict.fromkeys(t["slot"] for t in trials))}
     for t in sorted(trials, key=lambda t: t["trial_start_time"]):
         reused = int(t["process_trials_before"] or 0)
-        phases = [_num(_gap(float(t[a]), float(t[b]))) if not (reused and a in FRESH_ONLY) else "-"
+        phases = [_num(_gap(phase_start(t, a), float(t[b]))) if t["fresh"] or a not in FRESH_ONLY else "-"
                   for _, a, b in PHASES]
-        rows.append(f"| {t['name']} | {slots[t['slot']]} | {reused} | "
+        rows.append(f"| {t['name']} | {slots[t['slot']]} | {t.get('trial_process') or '-'} {reused} | "
                     f"{_num(t['trial_start_time'] - started, '.1f')} | {' | '.join(phases)} | {_num(t['gap'])} |")
     return "\n".join(rows)
 
@@ -138,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         path, started, ended = run_sweep(mode, sweep_args, storage)
         trials = load_trials(path)
         assign_slots(trials)
+        first_of_its_process(trials)
         sections.append(f"### reuse {mode}: {path}\n\n{trial_table(trials, started)}")
         summary.append(summary_row(mode, trials, started, ended))
     header = ("| reuse | trials | slots | wall (s) | before 1st (s) | train (s) | after last (s) | gap median (s) | "

@@ -78,8 +78,11 @@ _KEYS = (
     Key("setup_time_s", "final", "wall time from entering the trial to its first step: data, model, compile set-up"),
     # where a trial's start goes: unix times (time.time(), s) of its start-up milestones, for timelines across
     # trials of a node (bench/bench_startup.py); a trial reused in a process (Tune's reuse_actors) imported nothing
+    Key("worker_start_time", "final", "unix time the Tune worker that ran the trial started (Tune's `pid`)"),
+    Key("server_start_time", "final", "unix time that worker's fork server started (NaN: trained in the worker)"),
     Key("process_start_time", "final", "unix time the process that trained started (a reused one: long before)"),
-    Key("imports_done_time", "final", "unix time torch and the training code were imported in that process"),
+    Key("imports_done_time", "final", "unix time torch and the training code were imported in that process (a "
+                                      "fork: in its server, before the fork)"),
     Key("trial_start_time", "final", "unix time the trial was entered (run_trial)"),
     Key("data_ready_time", "final", "unix time the dataset was opened and checked, the device and kernel resolved"),
     Key("cuda_ready_time", "final", "unix time the CUDA context was ready (NaN on CPU)"),
@@ -87,6 +90,9 @@ _KEYS = (
     Key("first_step_start_time", "final", "unix time the trial's first step was queued"),
     Key("first_step_end_time", "final", "unix time the trial's first step had finished on the device"),
     Key("trial_end_time", "final", "unix time the final report was made"),
+    Key("trial_process", "final", "how the process that trained started: fork (of its Tune worker's warm server), "
+                                  "spawn (a new interpreter: that server had initialised the CUDA driver) or worker "
+                                  "(the Tune worker itself, or the calling process)"),
     Key("process_trials_before", "final", "trials this process ran before this one (0: a fresh process; more: "
                                           "reused, its state reset to a fresh process's first)"),
     Key("process_id", "final", "the OS pid of the process that trained (Tune's `pid` is its worker's; a max-batch "
@@ -102,8 +108,6 @@ _KEYS = (
                                     "the scout stopped on an error)"),
     Key("scout_outcomes", "scout", "the scout's sub-probes in order: [batch size, fits|oom|error, peak MiB]"),
     Key("scout_error", "scout", "why the scout stopped early (None when it found an answer)"),
-    Key("probe_process", "probe", "how the probe's fresh process started: fork (of the warm probe server) or "
-                                  "spawn (a new interpreter: the server's process had initialised the CUDA driver)"),
 )
 
 # Where the memory goes: the peak step's allocated memory split into components, measured by the trial (an

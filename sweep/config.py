@@ -18,6 +18,7 @@ from contract.io import is_uri
 from .errors import SweepError
 
 PRESET_NAMES = ("seed", "seed-report", "cpu")
+TRIAL_PROCESSES = ("fork", "worker")
 VERBOSITY = {0: "errors and the final table only", 1: "one line per trial start, finish, OOM, NaN or error (default)",
              2: "Ray Tune's own progress tables"}
 MAX_NAME_BYTES = 255  # one path component on every common filesystem
@@ -74,12 +75,14 @@ class SweepConfig:
     cpus_per_trial: int | None = field(default=None, metadata=_m("CPUs each trial reserves",
                                                                  default_help="the node's CPUs / GPUs, at most 8"))
     resume: bool = field(default=False, metadata=_m("continue an interrupted sweep (--name, else the latest)"))
+    trial_process: str = field(default="fork", metadata=_m(
+        "where a trial trains: fork (a fresh process forked from a warm server in its Tune worker: a fresh CUDA "
+        "context and allocator in under a second), worker (in the Tune worker itself)", choices=TRIAL_PROCESSES))
     reuse_actors: bool | None = field(default=None, metadata=_m(
-        "run a slot's next trial in the finished trial's process, reset to a fresh one's state (seconds saved per "
-        "trial); --no-reuse-actors: a fresh process each",
-        default_help="on unless a trial compiles (torch.compile, or FlexAttention on a GPU): on an H200 those measured "
-                     "up to 96 MiB apart in a reused process, and reused workers crashed after them; "
-                     "every other technique measured to the MiB"))
+        "keep a slot's Tune worker for its next trial (with --trial-process worker: the trial trains in it, reset to "
+        "a fresh process's state); --no-reuse-actors: a new worker each",
+        default_help="on, but off on --resume and, with --trial-process worker, when a trial compiles "
+                     "(torch.compile, or FlexAttention on a GPU: reused workers crashed after them on an H200)"))
     verbose: int = field(default=1, metadata=_m(
         "; ".join(f"{k}: {v}" for k, v in VERBOSITY.items()), choices=tuple(VERBOSITY)))
     # fault tolerance

@@ -10,7 +10,7 @@ in-process probe a few steps, no process start. Its answer is then confirmed by 
 (`search.MaxBatchSearch(expect=...)`): the pair at its edge, then a gallop and a bisection if either
 disagrees. So an exact scout costs 3 probes; the answer is always what fresh processes proved, so
 allocator state after an OOM never biases it. Every probe trains in a fork of a server in its Tune
-worker (`probe.ProbeServer`): a fresh process without a process start; the workers are reused
+worker (`trainable.fork_server`): a fresh process without a process start; the workers are reused
 (`reuse_actors`) to keep their servers. Records go to STORAGE/NAME/max_batch.json (Contract 3), rewritten
 after every finished technique. Every record also says what the unseeded search without a scout would
 have cost, replayed against the outcomes the found answer implies (no extra probe).

@@ -23,7 +23,7 @@ from .connect import ClusterInfo, check_storage, connect
 from .errors import SweepError
 from .plan import MAX_FAILURES, SweepPlan, check_data, plan_sweep, require_gpus
 from .resume_state import mark_finished, use_valid_state
-from .tuning import cluster_gpus, largest_node, local_gpus, name_trial, param_space, sweep_trainable, trial_resources
+from .tuning import TRAINABLES, cluster_gpus, largest_node, local_gpus, name_trial, param_space, trial_resources
 
 # Tune keeps each trial's newest checkpoint only. Not 2: Tune forces its experiment directory (each trial's
 # result.json with it) to storage every `num_to_keep` checkpoints, and a restarted trial's result.json is first
@@ -167,7 +167,7 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None):
         print(note, file=sys.stderr)
     _quiet_ray(cfg.verbose)
     resources = trial_resources(plan.use_gpu, cfg.cpus_per_trial)
-    trainable = tune.with_resources(sweep_trainable, resources)
+    trainable = tune.with_resources(TRAINABLES[cfg.trial_process], resources)
     if cfg.resume:
         use_valid_state(plan.path)
         finished = mark_finished(plan.path)
@@ -206,17 +206,19 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None):
 
 
 def reuse_actors(plan: SweepPlan) -> bool:
-    """Whether a finished trial's process runs the next trial: as asked, else whenever no trial compiles.
+    """Whether a finished trial's Tune worker runs the slot's next trial: as asked, else yes, but not on a resume
+    (restored trials start from checkpoints: a reused worker was seen handed a deleted one) and, for trials that
+    train in the worker itself, not when a trial compiles.
 
-    A reused process is reset to a fresh one's state (trainable.setup.reset_process); on an H200 every eager
-    technique then measured the same memory to the MiB as in a fresh process (tests/test_reuse_cuda.py). Grids
-    that compile do not reuse: reused workers died of SIGSEGV after FlexAttention trials, and compiling
-    techniques reserved 68-96 MiB more in whichever process compiled a kernel first (docs/results/startup_h200.md)."""
+    A forked trial (the default) trains in a fresh process whatever its worker ran before, so reuse only keeps the
+    worker's warm fork server. A trial in a reused worker is reset to a fresh process's state
+    (trainable.setup.reset_process): on an H200 every eager technique then measured the same memory to the MiB as
+    in a fresh process (tests/test_reuse_cuda.py), but reused workers died of SIGSEGV after FlexAttention trials."""
     if plan.cfg.reuse_actors is not None:
         return plan.cfg.reuse_actors
-    if plan.cfg.resume:  # restored trials start from checkpoints: seen handed a deleted one in a reused process
+    if plan.cfg.resume:
         return False
-    return not any(compiles(p, plan.use_gpu) for p in plan.grid)
+    return plan.cfg.trial_process == "fork" or not any(compiles(p, plan.use_gpu) for p in plan.grid)
 
 
 def compiles(point: dict[str, Any], use_gpu: bool) -> bool:

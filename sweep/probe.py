@@ -1,15 +1,10 @@
 """Probe configs and outcomes, and where probes run: the Ray-free half of the max-batch search.
 
 Imports neither torch nor Ray at import time: the driver classifies outcomes; the Tune worker's
-`probe_trainable` forks probes from a `ProbeServer`, which imports torch.
+`probe_trainable` has each probe forked by `trainable.fork_server`, which imports torch.
 """
 from __future__ import annotations
 
-import json
-import os
-import signal
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,13 +65,10 @@ def classify_probe(result: dict[str, Any] | None, error: BaseException | str | N
 
 # -- each probe in a fresh process, forked from a warm server ---------------------------------------------
 # A probe's answer near the memory edge may depend on what ran before it in its process, so every probe gets a
-# fresh one. Starting a process is what made probes slow (a Ray worker, `import torch`: ~10 s); here each
-# probe is a fork of a server that imported torch and the training code once but never touched CUDA, so the
-# fork gets a fresh CUDA context and a fresh allocator at once. The server lives in the Tune worker (reused
-# from probe to probe: reuse_actors), on its GPU; the worker itself never initialises CUDA.
+# fresh one: a fork of its Tune worker's `trainable.fork_server` (reused from probe to probe: reuse_actors),
+# which imported torch and the training code once and never touched CUDA.
 SCOUT_KEY = "scout"  # in a probe's Tune config: search in the forked process first (`scout`)
-_FD_ENV = "MEMEFF_PROBE_FD"
-_SERVER: list = []  # this worker's ProbeServer
+TARGET = "sweep.probe:probe_child"
 
 
 class ProbeFailed(RuntimeError):
@@ -88,18 +80,18 @@ def probe_trainable(config: dict[str, Any]) -> None:
     hand its reports to Tune as they come."""
     from contract.experiment import SWEEP_KEYS
     from ray import tune
+    from trainable.fork_server import fork_server, process_start_time
 
     config = {k: v for k, v in config.items() if k not in SWEEP_KEYS}
-    request = {"config": {k: v for k, v in config.items() if k != SCOUT_KEY}, "scout": config.get(SCOUT_KEY)}
-    error, process = None, None
-    for message in _server().run(request):
-        if "process" in message:
-            process = message["process"]
-        elif "report" in message:
-            tune.report({**message["report"], "probe_process": process})
+    payload = {"config": {k: v for k, v in config.items() if k != SCOUT_KEY}, "scout": config.get(SCOUT_KEY),
+               "worker_start_time": process_start_time()}
+    error = None
+    for message in fork_server().run(TARGET, payload):
+        if "report" in message:
+            tune.report(message["report"])
         elif "error" in message:
             error = message["error"]
-        elif message.get("exit"):
+        elif "exit" in message and message["exit"] != 0:
             error = error or f"the probe process ended with {_exit_words(message['exit'])}"
     if error is not None:
         raise ProbeFailed(error)
@@ -109,173 +101,20 @@ def _exit_words(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"exit status {code}"
 
 
-def _server() -> "ProbeServer":
-    if not _SERVER or not _SERVER[0].alive():
-        _SERVER[:] = [ProbeServer()]
-    return _SERVER[0]
+def probe_child(payload: dict[str, Any], send) -> None:
+    """The probe in its fresh process (`fork_server` target): a scout's search, or one probe."""
+    from trainable import TrialConfig, run_trial
+    from trainable.fork_server import origin
 
-
-class ProbeServer:
-    """`python -c serve()` with a message pipe: requests (JSON lines) on its stdin, messages on the pipe."""
-
-    def __init__(self) -> None:
-        import subprocess
-
-        read, write = os.pipe()
-        env = {**os.environ, _FD_ENV: str(write), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self.proc = subprocess.Popen([sys.executable, "-c", "from sweep.probe import serve; serve()"],
-                                     stdin=subprocess.PIPE, pass_fds=(write,), env=env, text=True)
-        os.close(write)
-        self.messages = os.fdopen(read, "r", encoding="utf-8")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def run(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The messages of one probe, up to and including its `exit`."""
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        for line in self.messages:
-            message = json.loads(line)
-            yield message
-            if "exit" in message:
-                return
-        yield {"exit": self.proc.wait()}  # the server itself died
-
-
-def serve() -> None:
-    """The probe server: import torch and the training code once, then fork one child per request. It ends
-    when its stdin does (its worker exited or died), killing a child still running.
-
-    A fork may use CUDA only if this process never initialised the CUDA driver: `is_available()` checks here
-    go through NVML, and should anything have loaded the driver anyway, each probe is a new interpreter
-    instead (slower, as fresh)."""
-    out_fd = int(os.environ.pop(_FD_ENV))
-    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # a device-count check here must not initialise CUDA
-    import torch
-    import torch._dynamo  # noqa: F401 - torch.optim's optimizers import it on first use: 2-3 s a process
-
-    import data_prep  # noqa: F401 - what every probe needs, imported once, before any fork
-    import trainable.trial  # noqa: F401
-
-    for line in sys.stdin:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if torch.cuda.is_initialized() or _cuda_driver_initialised():
-            os.write(out_fd, b'{"process": "spawn"}\n')  # reported with every probe: never a silent fallback
-            pid = _spawn(line, out_fd)
-        else:
-            os.write(out_fd, b'{"process": "fork"}\n')
-            pid = os.fork()
-            if pid == 0:
-                os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
-                _child(json.loads(line), out_fd)
-        os.write(out_fd, (json.dumps({"exit": _wait(pid)}) + "\n").encode())
-
-
-def _cuda_driver_initialised() -> bool:
-    """Whether this process initialised the CUDA driver (a fork of it could not use CUDA then).
-
-    Torch's CUDA libraries map libcuda.so at import, so a mapped driver says nothing; an initialised one answers
-    `cuDeviceGetCount`, an uninitialised one returns CUDA_ERROR_NOT_INITIALIZED (3) and stays uninitialised."""
-    try:
-        with open("/proc/self/maps") as f:
-            if "libcuda.so" not in f.read():
-                return False
-    except OSError:
-        return False
-    try:
-        import ctypes
-
-        count = ctypes.c_int()
-        return ctypes.CDLL("libcuda.so.1").cuDeviceGetCount(ctypes.byref(count)) != _CUDA_ERROR_NOT_INITIALIZED
-    except (OSError, AttributeError):  # a driver we cannot ask: assume the worst (a new interpreter per probe)
-        return True
-
-
-_CUDA_ERROR_NOT_INITIALIZED = 3
-
-
-def _spawn(line: str, out_fd: int) -> int:
-    """The probe in a new interpreter (the fallback when a fork could not use CUDA); its pid."""
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
-    proc = subprocess.Popen([sys.executable, "-c", f"from sweep.probe import _child; import json, sys; "
-                             f"_child(json.loads(sys.stdin.readline()), {out_fd})"],
-                            stdin=subprocess.PIPE, pass_fds=(out_fd,), env=env, text=True)
-    proc.stdin.write(line)
-    proc.stdin.close()
-    return proc.pid
-
-
-def _wait(pid: int) -> int:
-    """The child's exit code; if stdin becomes readable meanwhile (EOF: the worker is gone), kill it and exit.
-    (No request comes while a child runs, and no death signal: it would fire when the worker's *thread*
-    that started this server ends, i.e. after the first trial.)"""
-    import select
-
-    try:
-        watch, timeout = os.pidfd_open(pid), None
-    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll
-        watch, timeout = None, 0.05
-    try:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return os.waitstatus_to_exitcode(status)
-            readable, _, _ = select.select([sys.stdin] + ([watch] if watch is not None else []), [], [], timeout)
-            if sys.stdin in readable:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                os._exit(0)
-    finally:
-        if watch is not None:
-            os.close(watch)
-
-
-def _child(request: dict[str, Any], out_fd: int) -> None:
-    """One probe in this fresh process; its messages on `out_fd`; never returns."""
-    import threading
-
-    code, lock = 1, threading.Lock()
-    out = os.fdopen(out_fd, "w", encoding="utf-8")
-
-    def send(message: dict[str, Any]) -> None:  # from the trial's reporter thread
-        with lock:
-            out.write(json.dumps(message, default=str) + "\n")
-            out.flush()
-
-    try:
-        _die_with_parent()
-        if request.get("scout"):
-            scout(request["config"], request["scout"], send)
-        else:
-            from trainable import TrialConfig, run_trial
-
-            run_trial(TrialConfig.from_dict(request["config"]), lambda metrics: send({"report": metrics}))
-        code = 0
-    except BaseException as exc:  # noqa: BLE001 - the probe's result is its error line
-        send({"error": error_line(exc)})
-    finally:
-        os._exit(code)
-
-
-def _die_with_parent() -> None:
-    """SIGKILL this process when the thread that forked it (the server's only one) dies (Linux)."""
-    parent = os.getppid()
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
+    if payload.get("scout"):
+        scout(payload["config"], payload["scout"], send, origin(payload))
+    else:
+        run_trial(TrialConfig.from_dict(payload["config"]), lambda metrics: send({"report": metrics}),
+                  origin=origin(payload))
 
 
 # -- the scout: a search inside one fresh process ---------------------------------------------------------
-def scout(config: dict[str, Any], spec: dict[str, Any], send) -> None:
+def scout(config: dict[str, Any], spec: dict[str, Any], send, origin: dict[str, Any] | None = None) -> None:
     """Search the max batch inside this process, one in-process probe after another (each trial after the
     first starts from `trainable.setup.reset_process`); report the best sub-probe's final report with the
     outcomes. Cheap (no process start per probe) but not proof: the search confirms the answer with fresh
@@ -298,7 +137,8 @@ def scout(config: dict[str, Any], spec: dict[str, Any], send) -> None:
     ok = result.status == "ok"
     report = finals.get(result.max_batch_size) if ok else None
     report = report or next((f for f in reversed(list(finals.values())) if f), {})
-    send({"report": {**report, "scout_max_batch": result.max_batch_size if ok else None,
+    how = dict(origin or {})  # the sub-probes ran in this process, forked as `origin` says
+    send({"report": {**report, **how, "scout_max_batch": result.max_batch_size if ok else None,
                      "scout_outcomes": outcomes, "scout_error": result.error}})
 
 

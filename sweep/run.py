@@ -47,7 +47,7 @@ GROUPS = {
     "grid": ("preset", "techniques", "batch_sizes", "windows", "seq_lens", "tokens_per_batch", "only", "skip"),
     "data and hardware": ("data_dir", "device", "gpu_memory_gb"),
     "ray": ("address", "storage_path", "shared_storage", "name", "max_concurrent", "cpus_per_trial", "resume",
-            "reuse_actors", "verbose"),
+            "trial_process", "reuse_actors", "verbose"),
     "fault tolerance (a failed trial restarts from its latest checkpoint)":
         ("checkpoint_interval", "checkpoint_minutes", "max_failures"),
     "max-batch search": ("find_max_batch", "granularity", "start", "max_batch", "probe_steps", "seed_search"),

@@ -75,7 +75,14 @@ def trial_resources(use_gpu: bool, cpus_per_trial: int | None) -> dict[str, floa
 
 # -- the trainable and its naming ------------------------------------------------------------------
 def sweep_trainable(config: dict[str, Any]) -> None:
-    """`trainable.tune_trainable` on the grid point, minus the keys the sweep added."""
+    """`trainable.forked_tune_trainable` on the grid point, minus the keys the sweep added: a fresh fork each."""
+    from trainable.forked import forked_tune_trainable
+
+    return forked_tune_trainable({k: v for k, v in config.items() if k not in SWEEP_KEYS})
+
+
+def sweep_trainable_in_worker(config: dict[str, Any]) -> None:
+    """`trainable.tune_trainable` on the grid point, minus the keys the sweep added: trains in the Tune worker."""
     from trainable import tune_trainable
 
     return tune_trainable({k: v for k, v in config.items() if k not in SWEEP_KEYS})
@@ -95,7 +102,9 @@ class NamedActor:
         super().setup(config)
 
 
-sweep_trainable.__mixins__ = (NamedActor,)  # Tune's wrap_function puts these before FunctionTrainable
+# Tune's wrap_function puts these before FunctionTrainable
+sweep_trainable.__mixins__ = sweep_trainable_in_worker.__mixins__ = (NamedActor,)
+TRAINABLES = {"fork": sweep_trainable, "worker": sweep_trainable_in_worker}  # by SweepConfig.trial_process
 
 
 def name_trial(trial) -> str:

@@ -76,7 +76,7 @@ def test_cpu_search_end_to_end(ray_local, sample_dataset, tmp_path):
         [1, "fits"], [2, "fits"], [3, "fits"]] and scout["scout_error"] is None
     fresh = reports["probe_baseline_bs3"]
     assert [r["step"] for r in fresh] == [1, 2] and fresh[-1]["final"] is True
-    assert {r["probe_process"] for r in fresh + [scout]} == {"fork"}  # said in every report: never a silent spawn
+    assert {fresh[-1]["trial_process"], scout["trial_process"]} == {"fork"}  # always said: never a silent spawn
     # each probe trained in its own process, a child of its Tune worker (Tune's pid), which was reused
     assert fresh[-1]["process_id"] != scout["process_id"] and fresh[-1]["process_trials_before"] == 0
     assert fresh[-1]["process_id"] != fresh[-1]["pid"] and scout["process_trials_before"] == 2

@@ -1,6 +1,7 @@
 """GPU proof that a reused process measures what a fresh one does: every technique's per-step memory peaks (and
 reserved memory) in a process that already ran other trials, an OOM among them, equal a fresh process's to
-the MiB; and a max-batch probe's fork of the probe server is a fresh process too. Skipped without CUDA.
+the MiB; and a trial forked from a warm server (how the sweep trains every trial, and every max-batch probe) is a
+fresh process too. Skipped without CUDA.
 
     pytest -m cuda tests/test_reuse_cuda.py -s      # ~3-4 min on an H200: prints one line per technique
 """
@@ -61,12 +62,16 @@ def _config(data: Path, switches: dict) -> dict:
     return {**BASE, "data_dir": str(data), **switches}
 
 
-def _forked(configs: list[dict]) -> list[dict]:
-    from sweep.probe import ProbeServer
+def _forked(configs: list[dict], spool: Path) -> list[dict]:
+    """Each config in a fork of one warm server, as the sweep trains every trial (`trainable.forked`)."""
+    from trainable.fork_server import ForkServer
+    from trainable.forked import TARGET
 
-    server, out = ProbeServer(), []
+    server, out = ForkServer(), []
     for config in configs:
-        reports = [m["report"] for m in server.run({"config": config, "scout": None}) if "report" in m]
+        payload = {"config": config, "checkpoints": [], "spool": str(spool), "worker_start_time": float("nan")}
+        reports = [m["report"] for m in server.run(TARGET, payload) if "report" in m]
+        assert reports[-1]["trial_process"] == "fork"
         out.append({"status": reports[-1]["status"], "trials_before": reports[-1]["process_trials_before"],
                     "steps": [{k: r[k] for k in MEMORY} | {"loss": r["loss"]} for r in reports]})
     server.proc.stdin.close()
@@ -74,7 +79,7 @@ def _forked(configs: list[dict]) -> list[dict]:
     return out
 
 
-def test_every_technique_measures_the_same_in_a_reused_process_as_in_a_fresh_one(sample_dataset):
+def test_every_technique_measures_the_same_in_a_reused_process_as_in_a_fresh_one(sample_dataset, tmp_path):
     configs = [_config(sample_dataset, s) for s in TECHNIQUES.values()]
     # The first process ever to compile a kernel reserves more (inductor's and Triton's on-disk caches are cold):
     # compile each compiling technique once first, as any sweep's earlier trials or a probe's scout would have.
@@ -85,7 +90,7 @@ def test_every_technique_measures_the_same_in_a_reused_process_as_in_a_fresh_one
     reused = _run([_config(sample_dataset, s) for s in DIRTY] + configs)
     dirty, reused = reused[: len(DIRTY)], reused[len(DIRTY):]
     assert [d["status"] for d in dirty] == ["ok", "oom", "ok"]
-    forked = _forked(configs)
+    forked = _forked(configs, tmp_path)
     worst: dict[tuple[str, str], float] = {}  # (technique, reused|forked) -> MiB apart from fresh, worst step and key
     for name, a, b, c in zip(TECHNIQUES, fresh, reused, forked):
         assert a["status"] == b["status"] == c["status"] == "ok", name

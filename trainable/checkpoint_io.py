@@ -23,8 +23,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-import torch
-
 from contract.io import atomic_write, first_line
 
 from .config import TrialConfig
@@ -90,6 +88,8 @@ def write_checkpoint(state: dict, directory: Path) -> None:
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             out = _Hashing(f, lambda: _kill_point("state-bytes", step))
+            import torch  # here, not at import: a Tune worker that only hands checkpoints on never imports it
+
             torch.save(state, out)
             f.flush()
             os.fsync(f.fileno())
@@ -151,6 +151,8 @@ def read_checkpoint(directory: Path) -> dict:
     if size != manifest.get("num_bytes") or _sha256(path) != digest:
         raise CheckpointError(f"checkpoint {path} does not match its manifest (partial or altered): "
                               "delete it to start afresh")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
@@ -191,6 +193,36 @@ class DirectoryCheckpointIO:
     def report_with_checkpoint(self, metrics: dict, state: dict, report: Report) -> None:
         write_checkpoint(state, self.directory)
         report(metrics)
+
+
+class SpoolCheckpointIO:
+    """A forked trial's checkpoints (`trainable.forked`): its Tune worker holds the Tune session, the trial only
+    files. Loads the first whole one of the local copies the worker made of Tune's candidates; writes each new one
+    into its own directory under the worker's spool, hands it to the worker with its step's report, and waits
+    until the worker has registered it with Tune (the worker then removes the directory), as `tune.report` waits."""
+
+    def __init__(self, candidates: list[str], spool: str, send: Callable[[dict[str, Any]], None]):
+        self.candidates, self.spool, self.send = [Path(c) for c in candidates], Path(spool), send
+
+    def load(self) -> dict | None:
+        last_error: CheckpointError | None = None
+        for directory in self.candidates:
+            try:
+                return read_checkpoint(directory)
+            except CheckpointError as exc:
+                last_error = exc
+        if last_error is not None:
+            raise last_error
+        return None
+
+    def report_with_checkpoint(self, metrics: dict, state: dict, report: Report) -> None:
+        import time
+
+        directory = Path(tempfile.mkdtemp(prefix=f"checkpoint_{metrics.get('step')}_", dir=self.spool))
+        write_checkpoint(state, directory)
+        self.send({"report": metrics, "checkpoint": str(directory)})
+        while directory.exists():  # the worker removes it once Tune has persisted its copy
+            time.sleep(0.005)
 
 
 class TuneCheckpointIO:

@@ -132,27 +132,8 @@ def gpu_facts(device: torch.device) -> dict:
 
 
 # -- where a trial's start goes ----------------------------------------------------------------------
-TIMELINE_KEYS = ("process_start_time", "imports_done_time", "trial_start_time", "data_ready_time", "cuda_ready_time",
+TIMELINE_KEYS = ("worker_start_time", "server_start_time", "process_start_time", "imports_done_time", "trial_start_time", "data_ready_time", "cuda_ready_time",
                  "model_ready_time", "first_step_start_time", "first_step_end_time", "trial_end_time")
-
-
-def process_start_time() -> float:
-    """Unix time this process started: /proc/self/stat on Linux, else psutil; NaN when neither says."""
-    try:
-        with open("/proc/self/stat") as f:
-            after_name = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        started = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: ticks since boot
-        return time.time() - (uptime - started)  # (not /proc/stat's btime: whole seconds)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import psutil
-
-        return float(psutil.Process().create_time())
-    except Exception:  # noqa: BLE001 - unknown is NaN, never a guess
-        return NOT_MEASURED
 
 
 class Timeline:
@@ -162,10 +143,17 @@ class Timeline:
     next one's first step) line up in one timeline.
     """
 
-    def __init__(self, imports_done: float, trials_before: int, process_start: float):
+    def __init__(self, imports_done: float, trials_before: int, process_start: float,
+                 origin: dict[str, Any] | None = None):
+        """`origin`: how this process came to be, for a trial forked by `fork_server` (`trial_process`, the
+        `worker_start_time` of the Tune worker that asked for it, its server's `server_start_time`); without it
+        the trial trains in the worker itself."""
+        origin = origin or {"trial_process": "worker", "worker_start_time": process_start}
         self.times = dict.fromkeys(TIMELINE_KEYS, NOT_MEASURED)
         self.times.update(process_start_time=process_start, imports_done_time=imports_done,
                           trial_start_time=time.time())
+        self.times.update({k: float(origin[k]) for k in ("worker_start_time", "server_start_time") if k in origin})
+        self.trial_process = str(origin["trial_process"])
         self.trials_before = trials_before
 
     def mark(self, key: str) -> None:
@@ -176,8 +164,8 @@ class Timeline:
     def report(self, device: torch.device) -> dict[str, Any]:
         self.mark("trial_end_time")
         uuid = str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
-        return {**self.times, "process_trials_before": self.trials_before, "process_id": os.getpid(),
-                "gpu_uuid": uuid}
+        return {**self.times, "trial_process": self.trial_process, "process_trials_before": self.trials_before,
+                "process_id": os.getpid(), "gpu_uuid": uuid}
 
 
 def cuda_ready(device: torch.device) -> None:

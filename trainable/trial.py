@@ -42,7 +42,8 @@ from .checkpoint_io import CheckpointIO, TuneCheckpointIO, check_resumable
 from .compile_policy import CompileWatch, build_forward_loss, release_compiled
 from .config import TrialConfig
 from .losses import LOSSES, loss_for
-from .measure import NOT_MEASURED, Timeline, is_oom_error, probes_for, process_start_time, to_host_async
+from .fork_server import process_start_time
+from .measure import NOT_MEASURED, Timeline, is_oom_error, probes_for, to_host_async
 from .observe import RayMetricsExporter
 from .precision import tf32_matmuls
 from .reporter import AsyncReporter, Snapshotter
@@ -347,7 +348,8 @@ class _Trial:
 
 
 def run_trial(cfg: TrialConfig, report: Report, *, checkpoint_io: CheckpointIO | None = None,
-              exporter: RayMetricsExporter | None = None, background_reports: bool = True) -> dict[str, Any]:
+              exporter: RayMetricsExporter | None = None, background_reports: bool = True,
+              origin: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `cfg`, calling `report(metrics)` every step (from a background thread, in order); returns the
     final report once every report has been delivered.
 
@@ -355,9 +357,10 @@ def run_trial(cfg: TrialConfig, report: Report, *, checkpoint_io: CheckpointIO |
     work. Returns normally on OOM (`status: "oom"`) and on a non-finite loss (`status: "nan"`). `exporter`
     (default: a `RayMetricsExporter`, active only inside Ray) also receives every report.
     `background_reports=False` delivers each report on the training loop (a profiler stepping on reports).
+    `origin`: how this process was started, when `fork_server` forked it (see `measure.Timeline`).
     """
     started = time.perf_counter()
-    timeline = Timeline(_PROCESS["imported"], _PROCESS["trials"], process_start_time())  # a fork's own start
+    timeline = Timeline(_PROCESS["imported"], _PROCESS["trials"], process_start_time(), origin)  # a fork's own start
     reused, _PROCESS["trials"] = _PROCESS["trials"] > 0, _PROCESS["trials"] + 1
     run = build_run(cfg)
     prepare_process(run, reused, timeline)
@@ -377,11 +380,12 @@ def run_trial(cfg: TrialConfig, report: Report, *, checkpoint_io: CheckpointIO |
             pass
         raise
     finally:
-        if cfg.compile:
-            release_compiled()
-        if run.device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
+        if origin is None:  # this process goes on (a forked one exits: nothing to tidy for a next trial)
+            if cfg.compile:
+                release_compiled()
+            if run.device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
     reporter.close()
     return final
 
