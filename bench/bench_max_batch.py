@@ -34,13 +34,15 @@ def run_search(sweep_args: list[str], storage: Path) -> tuple[str, dict[str, flo
     """Run the search; (experiment path, unix times of the command's start, its driver's search line, its end)."""
     name = f"max-batch-{time.strftime('%Y%m%d-%H%M%S')}"
     cmd = [sys.executable, "-m", "sweep.run", "--find-max-batch", *sweep_args, "--name", name, "--storage-path",
-           str(storage), "--verbose", "0"]
+           str(storage), "--verbose", "1"]  # 1: the driver's lines say when Ray is up, when Tune gets the search
     print(" ".join(cmd[1:]), file=sys.stderr, flush=True)
     times = {"command_start": time.time()}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []
     for line in proc.stdout:  # timed as it comes: the driver says when it hands the search to Tune
         output.append(line)
+        if line.startswith("Ray dashboard: "):
+            times.setdefault("ray_line", time.time())
         if line.startswith("max-batch search over"):
             times.setdefault("search_line", time.time())
     proc.wait()
@@ -57,7 +59,8 @@ def command_timeline(path: str, times: dict[str, float]) -> str:
     probes = analysis.load(path).probes.sort_values("process_start_time").to_dict("records")
     first, last = probes[0], max(probes, key=lambda p: p["trial_end_time"])
     steps = [("command start", times["command_start"]),
-             ("driver hands the search to Tune (checks, Ray start, memory-model seed)", times.get("search_line", math.nan)),
+             ("Ray is up (validation, data check, Ray start)", times.get("ray_line", math.nan)),
+             ("driver hands the search to Tune (resource checks, memory-model seed)", times.get("search_line", math.nan)),
              ("first Tune worker started", first.get("worker_start_time", math.nan)),
              ("its fork server started", first.get("server_start_time", math.nan)),
              ("the server's imports done", first.get("imports_done_time", math.nan)),

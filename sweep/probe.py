@@ -80,13 +80,13 @@ def probe_trainable(config: dict[str, Any]) -> None:
     hand its reports to Tune as they come."""
     from contract.experiment import SWEEP_KEYS
     from ray import tune
-    from trainable.fork_server import fork_server, process_start_time
+    from trainable.fork_server import fork_server, preload_for, process_start_time
 
     config = {k: v for k, v in config.items() if k not in SWEEP_KEYS}
     payload = {"config": {k: v for k, v in config.items() if k != SCOUT_KEY}, "scout": config.get(SCOUT_KEY),
                "worker_start_time": process_start_time()}
     error = None
-    for message in fork_server().run(TARGET, payload):
+    for message in fork_server().run(TARGET, payload, preload_for(payload["config"])):
         if "report" in message:
             tune.report(message["report"])
         elif "error" in message:

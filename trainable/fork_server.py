@@ -29,8 +29,10 @@ from typing import Any
 
 Send = Callable[[dict[str, Any]], None]
 # What every child needs, imported once in the server before any fork (torch.optim's optimizers import dynamo on
-# first use: 2-3 s a process; a compiling trial imports inductor: ~1 s).
-PRELOAD = ("torch", "torch._dynamo", "torch._inductor.compile_fx", "data_prep", "trainable.trial")
+# first use: 2-3 s a process). A request may name more (`preload`): inductor for a trial that compiles, imported
+# before its fork and kept for the next ones, so a server that never compiles never pays for it.
+PRELOAD = ("torch", "torch._dynamo", "data_prep", "trainable.trial")
+COMPILE_PRELOAD = ("torch._inductor.compile_fx",)
 _FD_ENV = "MEMEFF_FORK_FD"
 _CUDA_ERROR_NOT_INITIALIZED = 3
 _SERVERS: list["ForkServer"] = []  # this process's server
@@ -41,6 +43,21 @@ def origin(payload: dict[str, Any]) -> dict[str, Any]:
     the `worker_start_time` of the worker that asked for it and its server's `server_start_time`, where known."""
     keys = ("trial_process", "worker_start_time", "server_start_time")
     return {k: payload[k] for k in keys if k in payload and payload[k] == payload[k]}  # NaN: not known
+
+
+def preload_for(config: dict[str, Any]) -> tuple[str, ...]:
+    """What a child training `config` (TrialConfig keys) needs beyond PRELOAD: inductor when it compiles
+    (torch.compile, or FlexAttention, which compiles its kernel on CUDA)."""
+    from .config import TrialConfig
+    from .errors import ConfigError
+    from .kernels import select_kernel_name
+
+    try:
+        cfg = TrialConfig.from_dict(config)
+        flex = cfg.device != "cpu" and select_kernel_name(cfg.attention, cfg.precision, "cuda", cfg.kernel) == "flex"
+    except ConfigError:  # the child says what is wrong with it
+        return ()
+    return COMPILE_PRELOAD if cfg.compile or flex else ()
 
 
 def fork_server() -> "ForkServer":
@@ -87,11 +104,13 @@ class ForkServer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def run(self, target: str, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The messages of one child running `target` ("module:function") on `payload`, up to its `exit`.
+    def run(self, target: str, payload: dict[str, Any], preload: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+        """The messages of one child running `target` ("module:function") on `payload`, up to its `exit`;
+        `preload`: modules the server imports (once) before it forks the child.
 
         Leaving the loop early (an exception in the caller, Tune stopping the trial) kills the child."""
-        request = {"target": target, "payload": payload, "env": dict(os.environ), "server_start_time": self.started}
+        request = {"target": target, "payload": payload, "env": dict(os.environ), "server_start_time": self.started,
+                   "preload": list(preload)}
         with self._lock:
             self._send(json.dumps(request))
             done = False
@@ -165,6 +184,8 @@ def serve() -> None:
     while (line := lines.read()) is not None:
         if line == "cancel":  # a cancel that crossed its child's exit: nothing left to cancel
             continue
+        for name in json.loads(line).get("preload", ()):
+            importlib.import_module(name)
         sys.stdout.flush()
         sys.stderr.flush()
         if _cuda_driver_initialised():

@@ -17,7 +17,7 @@ import tempfile
 from typing import Any
 
 from .config import TrialConfig
-from .fork_server import Send, fork_server, origin, process_start_time
+from .fork_server import Send, fork_server, origin, preload_for, process_start_time
 
 TARGET = "trainable.forked:train_child"
 
@@ -41,7 +41,7 @@ def forked_tune_trainable(config: dict) -> None:
         payload = {"config": cfg.to_dict(), "checkpoints": _local_checkpoints(tune.get_checkpoint(), spool),
                    "spool": spool, "worker_start_time": process_start_time()}
         error, final_seen = None, False
-        for message in fork_server().run(TARGET, payload):
+        for message in fork_server().run(TARGET, payload, preload_for(payload["config"])):
             if "report" in message:
                 _report(message, tune)
                 exporter.record(message["report"])
