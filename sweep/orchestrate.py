@@ -23,8 +23,7 @@ from .connect import ClusterInfo, check_storage, connect
 from .errors import SweepError
 from .plan import MAX_FAILURES, SweepPlan, check_data, plan_sweep, require_gpus
 from .resume_state import mark_finished, use_valid_state
-from .tuning import (TRAINABLES, cluster_gpus, largest_node, local_gpus, name_trial, param_space, trial_resources,
-                     warm_trial_libraries)
+from .tuning import TRAINABLES, cluster_gpus, largest_node, local_gpus, name_trial, param_space, trial_resources
 
 # Tune keeps each trial's newest checkpoint only. Not 2: Tune forces its experiment directory (each trial's
 # result.json with it) to storage every `num_to_keep` checkpoints, and a restarted trial's result.json is first
@@ -53,8 +52,6 @@ def prepare(cfg: SweepConfig) -> SweepPlan:
     local = runs_locally(cfg)
     info: ClusterInfo | None = None
     gpus = known_gpus(cfg)
-    if local and gpus and cfg.device != "cpu":
-        warm_trial_libraries()  # this node's trials load torch next
     if not local:
         cfg.validate()  # a bad flag never waits for a connection
         info = connect(cfg.address, log_to_driver=cfg.verbose >= 2)

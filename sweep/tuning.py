@@ -51,44 +51,6 @@ def local_gpus() -> int:
     return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
 
 
-def warm_trial_libraries() -> None:
-    """Have the kernel read torch's shared libraries (and the CUDA ones beside it) into the page cache, on a daemon
-    thread, while the driver checks its inputs and starts Ray: on a machine that has not loaded them since boot,
-    the first trial's `import torch` and its first CUDA kernels otherwise wait for the disk (several seconds of a
-    fresh H200 host's first trial). `posix_fadvise(WILLNEED)`: readahead only, nothing mapped or imported here."""
-    import threading
-
-    threading.Thread(target=_readahead, args=(_library_files(),), name="warm-trial-libraries", daemon=True).start()
-
-
-def _library_files() -> list[str]:
-    import glob
-    import importlib.util
-
-    roots = []
-    for name in ("torch", "nvidia", "triton"):
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            continue
-        roots += list(spec.submodule_search_locations or []) if spec else []
-    return [f for root in roots for f in glob.glob(f"{root}/**/*.so*", recursive=True)]
-
-
-def _readahead(files: list[str]) -> None:
-    for path in files:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except (OSError, AttributeError):  # not Linux: nothing to ask for
-            return
-        finally:
-            os.close(fd)
-
-
 def cluster_gpus() -> int:
     import ray
 

@@ -29,8 +29,9 @@ from typing import Any
 
 Send = Callable[[dict[str, Any]], None]
 # What every child needs, imported once in the server before any fork (torch.optim's optimizers import dynamo on
-# first use: 2-3 s a process). A request may name more (`preload`): inductor for a trial that compiles, imported
-# before its fork and kept for the next ones, so a server that never compiles never pays for it.
+# first use: 2-3 s a process). Inductor (a compiling trial's, ~4 s on an H200 host) is imported after the first
+# fork, while that child trains, so it is on no trial's critical path unless the very first one compiles; such a
+# request names it (`preload`) and the server imports it before that fork.
 PRELOAD = ("torch", "torch._dynamo", "data_prep", "trainable.trial")
 COMPILE_PRELOAD = ("torch._inductor.compile_fx",)
 _FD_ENV = "MEMEFF_FORK_FD"
@@ -196,6 +197,8 @@ def serve() -> None:
             pid = os.fork()
             if pid == 0:
                 _child(json.loads(line), out_fd, "fork")
+        for name in COMPILE_PRELOAD:  # while the child trains (no-ops once imported)
+            importlib.import_module(name)
         os.write(out_fd, (json.dumps({"exit": _wait(pid, lines)}) + "\n").encode())
 
 
